@@ -51,7 +51,7 @@ def heart_msd(tmp_path: Path) -> Path:
     affine = spacing_affine((1.5, 1.5, 8.0), SHAPE)
     cases = [Case(id=f"heart_{i:03d}", split="train" if i < 2 else "test", image=_image(rng, FRAMES),
                   affine=affine, label=_label(rng, 4), extra_labels={"es": _label(rng, 4)},
-                  attributes={"pathology": "NOR", "ef_lv": 0.55 + 0.01 * i, "ed_frame": 0, "es_frame": 3})
+                  attributes={"pathology": "NOR", "ef_lv": 55.0 + i, "ed_frame": 0, "es_frame": 3})
              for i in range(3)]
     return write_msd_dataset(tmp_path / "heart", cases, name="heart", description="test hearts",
                              modality={"0": "cine-MRI"},

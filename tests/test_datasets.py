@@ -72,7 +72,7 @@ def test_our_heart_layout_extra_label(heart_msd):
     index = read_dataset(heart_msd, verify="sha256")
     case = index.case("heart_001")
     assert case.label_keys == ("label", "es")
-    assert case.attributes == {"pathology": "NOR", "ef_lv": pytest.approx(0.56), "ed_frame": 0, "es_frame": 3}
+    assert case.attributes == {"pathology": "NOR", "ef_lv": pytest.approx(56.0), "ed_frame": 0, "es_frame": 3}
     volumes = load_case(case)
     assert volumes["image"].shape == (*SHAPE, FRAMES)
     assert volumes["es"].shape == SHAPE and volumes["es"].data.dtype == np.int64

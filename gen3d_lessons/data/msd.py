@@ -51,11 +51,13 @@ def write_msd_dataset(root: str | Path, cases: Iterable[Case], *, name: str, des
             raise ValueError(f"case {case.id}: split must be 'train' or 'test', got {case.split!r}")
         img_dir, lab_dir = ("imagesTr", "labelsTr") if case.split == "train" else ("imagesTs", "labelsTs")
         files: dict[str, Path] = {}
-        files["image"] = save_nifti(case.image.astype(np.float32), root / img_dir / f"{case.id}.nii.gz", case.affine)
+        files["image"] = save_nifti(case.image.astype(np.float32), root / img_dir / f"{case.id}.nii.gz", case.affine,
+                                    on_disk=np.int16)
         if case.label is not None:
             files["label"] = save_nifti(case.label, root / lab_dir / f"{case.id}.nii.gz", case.affine, dtype=np.uint8)
         for key, vol in case.extra_images.items():
-            files[key] = save_nifti(vol.astype(np.float32), root / img_dir / f"{case.id}_{key}.nii.gz", case.affine)
+            files[key] = save_nifti(vol.astype(np.float32), root / img_dir / f"{case.id}_{key}.nii.gz", case.affine,
+                                    on_disk=np.int16)
         for key, vol in case.extra_labels.items():
             files[key] = save_nifti(vol, root / lab_dir / f"{case.id}_{key}.nii.gz", case.affine, dtype=np.uint8)
         entries[case.split].append({k: "./" + p.relative_to(root).as_posix() for k, p in files.items()})

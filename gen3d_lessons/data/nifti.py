@@ -21,11 +21,13 @@ def spacing_affine(spacing: Sequence[float], shape: Sequence[int] | None = None)
 
 
 def save_nifti(array: np.ndarray, path: str | Path, affine: np.ndarray | None = None,
-               spacing: Sequence[float] = (1.0, 1.0, 1.0), dtype=None) -> Path:
+               spacing: Sequence[float] = (1.0, 1.0, 1.0), dtype=None, on_disk=None) -> Path:
     """Write ``array`` (X, Y, Z[, C or T]) to ``path`` (.nii or .nii.gz) with an affine and voxel sizes.
 
     Without an explicit ``affine`` a RAS affine with ``spacing`` centred on the grid is used.
-    Integer label maps should be passed with ``dtype=np.uint8``.
+    Integer label maps should be passed with ``dtype=np.uint8``. ``on_disk=np.int16`` stores a float
+    image as scaled 16-bit integers (NIfTI's scl_slope/scl_inter; readers get floats back): half the
+    bytes and a faster gzip, at a precision of 1/65535 of the intensity range.
     """
     path = Path(path)
     array = np.asarray(array if dtype is None else np.asarray(array).astype(dtype))
@@ -35,6 +37,8 @@ def save_nifti(array: np.ndarray, path: str | Path, affine: np.ndarray | None = 
         affine = spacing_affine(spacing, array.shape)
     img = nib.Nifti1Image(array, np.asarray(affine, dtype=float))
     img.header.set_xyzt_units("mm", "sec")
+    if on_disk is not None:
+        img.set_data_dtype(on_disk)
     if array.ndim == 4:  # keep the 4th zoom meaningful (1 per channel / frame)
         img.header.set_zooms((*img.header.get_zooms()[:3], 1.0))
     path.parent.mkdir(parents=True, exist_ok=True)
