@@ -1,0 +1,330 @@
+"""The book pipeline: recording results, the toc, the report, staging, the CLI, and one small
+book built end to end from two throw-away notebooks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from gen3d_lessons import book, cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------
+# record()
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    monkeypatch.setenv(book.RESULTS_ENV, str(tmp_path))
+    monkeypatch.delenv(book.CHAPTER_ENV, raising=False)
+    monkeypatch.delenv(book.PROFILE_ENV, raising=False)
+    return tmp_path
+
+
+def _read(folder: Path, name: str) -> dict:
+    return json.loads((folder / f"{name}.json").read_text())
+
+
+def test_record_passes_and_writes_json(results, monkeypatch):
+    monkeypatch.setenv(book.PROFILE_ENV, "cpu")
+    table = book.record("ch10_segmentation",
+                        dict(metric="dice", value=0.84, threshold=0.7, higher_is_better=True),
+                        metrics={"hd95": 3.5})
+    saved = _read(results, "ch10_segmentation")
+    assert saved["passed"] is True and saved["profile"] == "cpu"
+    assert saved["metrics"] == {"hd95": 3.5}
+    assert list(table.index) == ["dice", "hd95"]
+    assert table.loc["dice", "check"] == "pass"
+
+
+def test_record_raises_on_a_missed_threshold_after_writing(results, monkeypatch):
+    monkeypatch.setenv(book.PROFILE_ENV, "cpu")
+    with pytest.raises(AssertionError, match=r"rmse = 0\.3 misses the cpu threshold \(needs <= 0\.1\)"):
+        book.record("ch11", dict(metric="rmse", value=0.3, threshold=0.1,
+                                 higher_is_better=False))
+    assert _read(results, "ch11")["passed"] is False
+
+
+def test_record_checks_nothing_in_smoke(results, monkeypatch):
+    monkeypatch.setenv(book.PROFILE_ENV, "smoke")
+    book.record("ch03", dict(metric="mmd", value=9.0, threshold=0.1, higher_is_better=False))
+    assert _read(results, "ch03")["passed"] is None
+
+
+def test_record_takes_the_profile_from_run_and_per_profile_thresholds(results):
+    @dataclass
+    class Run:
+        profile: str
+        seed: int = 0
+
+    np = pytest.importorskip("numpy")
+    headline = dict(metric="psnr", value=np.float32(25.0), threshold={"cpu": 24.0, "gpu": 30.0})
+    book.record("ch09", headline, run=Run("cpu"))
+    assert _read(results, "ch09")["threshold"] == 24.0
+    assert _read(results, "ch09")["run"] == {"profile": "cpu", "seed": 0}
+    with pytest.raises(AssertionError):
+        book.record("ch09", headline, run=Run("gpu"))
+
+
+def test_record_without_headline_and_with_chapter_env(results, monkeypatch):
+    monkeypatch.setenv(book.CHAPTER_ENV, "ch02_taxonomy")
+    book.record("2", None, metrics={"chapters": 17})
+    saved = _read(results, "ch02_taxonomy")
+    assert saved["metric"] is None and saved["passed"] is None and saved["label"] == "2"
+
+
+def test_record_rejects_a_malformed_headline(results):
+    with pytest.raises(ValueError):
+        book.record("ch01", dict(name="dice", value=1.0))
+
+
+def test_passes_handles_nan_and_direction():
+    assert book.passes(1.0, 0.5) and not book.passes(0.4, 0.5)
+    assert book.passes(0.1, 0.5, higher_is_better=False)
+    assert not book.passes(float("nan"), 0.5) and not book.passes(None, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The toc and the chapters
+# ---------------------------------------------------------------------------------------------
+
+def _notebook(path: Path, body: list[str], title: str = "A chapter") -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+
+    def code(source: str, *tags: str):
+        cell = nbformat.v4.new_code_cell(source)
+        cell.metadata["tags"] = list(tags)
+        return cell
+
+    nb.cells = [
+        code('import sys\nif "google.colab" in sys.modules:\n    pass', "remove-cell"),
+        code("profile = None", "parameters"),
+        nbformat.v4.new_markdown_cell(f"# {title}\n\nSome maths: $x^2$."),
+        *[code(source) for source in body[:-1]],
+        code(body[-1], "results"),
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, str(path))
+    return path
+
+
+def _toc(root: Path, files: list[str]) -> None:
+    lines = ["format: jb-book", "root: book/intro", "parts:", "  - caption: Foundations",
+             "    chapters:"] + [f"      - file: {f}" for f in files]
+    lines += ["  - caption: Appendices", "    chapters:", "      - file: book/report",
+              "      - file: book/bibliography"]
+    (root / "_toc.yml").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def tiny_book(tmp_path):
+    """A book folder with the repository's config, intro and static files, and two chapters:
+    one that passes its threshold and one that misses it."""
+    root = tmp_path / "tinybook"
+    (root / "book").mkdir(parents=True)
+    shutil.copy2(REPO / "_config.yml", root / "_config.yml")
+    shutil.copytree(REPO / "book" / "_static", root / "book" / "_static",
+                    ignore=shutil.ignore_patterns("mathjax"))
+    (root / "book" / "intro.md").write_text("# Tiny\n\nStart with {doc}`ch01_first`.\n")
+    (root / "book" / "bibliography.md").write_text("# Bibliography\n\n```{bibliography}\n:all:\n```\n")
+    record = "from gen3d_lessons.book import record\nrecord('{name}', dict(metric='score', " \
+             "value=value, threshold=0.5))"
+    _notebook(root / "book" / "ch01_first.ipynb",
+              ["value = 0.9\nprint('profile', profile)", record.format(name="ch01_first")],
+              title="First")
+    _notebook(root / "book" / "ch02_second.ipynb",
+              ["value = 0.1", record.format(name="ch02_second")], title="Second")
+    _toc(root, ["book/ch01_first", "book/ch02_second"])
+    return book.BookPaths(root)
+
+
+def test_toc_and_chapters(tiny_book):
+    assert book.toc_docnames(tiny_book.toc) == [
+        "book/intro", "book/ch01_first", "book/ch02_second", "book/report", "book/bibliography"]
+    found = book.chapters(tiny_book)
+    assert [(c.number, c.name, c.title) for c in found] == [(1, "ch01_first", "First"),
+                                                          (2, "ch02_second", "Second")]
+    assert book.find_chapter(2, found).name == "ch02_second"
+    assert book.find_chapter("ch01_first", found).number == 1
+    assert book.find_chapter("book/ch02_second.ipynb", found).number == 2
+    with pytest.raises(KeyError):
+        book.find_chapter(7, found)
+
+
+def test_a_missing_chapter_is_reported(tiny_book):
+    _toc(tiny_book.root, ["book/ch01_first", "book/ch05_later"])
+    with pytest.raises(FileNotFoundError):
+        book.chapters(tiny_book)
+    assert [c.name for c in book.chapters(tiny_book, missing_ok=True)] == ["ch01_first",
+                                                                            "ch05_later"]
+
+
+def test_repository_toc_lists_the_report_and_existing_pages():
+    names = book.toc_docnames(REPO / "_toc.yml")
+    assert names[0] == "book/intro" and book.REPORT_DOCNAME in names
+    for name in names:
+        if name != book.REPORT_DOCNAME and "/ch" not in name:
+            assert (REPO / f"{name}.md").is_file(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+
+def _rows() -> list[book.ChapterRun]:
+    return [
+        book.ChapterRun("ch01_first", 1, "First", "book/ch01_first", "cpu", 12.3, "pass",
+                        "dice", 0.84, 0.7),
+        book.ChapterRun("ch02_second", 2, "Second", "book/ch02_second", "cpu", 4.0, "fail",
+                        "rmse", 0.3, 0.1, False, "AssertionError: rmse misses"),
+        book.ChapterRun("ch03_third", 3, "Third", "book/ch03_third", "-"),
+    ]
+
+
+def test_report_table_and_page():
+    report = book.make_report(_rows(), profile="cpu", build_seconds=20.0, build_ok=True)
+    text = book.format_report(report)
+    assert text.splitlines()[0].split() == list(book.REPORT_COLUMNS)
+    assert "ch01_first" in text and ">= 0.7" in text and "<= 0.1" in text
+    assert "FAIL" in text and "not run" in text and "site build: 20.0 s" in text
+    page = book.report_markdown(report, {"book/ch01_first"})
+    assert page.startswith("# Run report")
+    assert "{doc}`ch01_first <ch01_first>`" in page and "{doc}`ch03_third" not in page
+    assert "## Failures" in page and "rmse misses" in page
+    again = book.rows_of(json.loads(json.dumps(report)))
+    assert again == _rows()
+
+
+def test_merge_rows_keeps_earlier_results(tiny_book):
+    old = _rows()[:2]
+    fresh = [book.ChapterRun("ch02_second", 2, "Second", "book/ch02_second", "cpu", 1.0, "pass")]
+    merged = book.merge_rows(fresh, old, book.chapters(tiny_book))
+    assert [r.status for r in merged] == ["pass", "pass"] and merged[1].seconds == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Staging and the static checks of the site
+# ---------------------------------------------------------------------------------------------
+
+def test_prepare_notebook_orders_hides_and_drops_cdn_links(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    setup = nbformat.v4.new_code_cell("setup")
+    setup.metadata["tags"] = ["remove-cell"]
+    params = nbformat.v4.new_code_cell("profile = None")
+    params.metadata["tags"] = ["parameters"]
+    injected = nbformat.v4.new_code_cell('profile = "cpu"')
+    injected.metadata["tags"] = ["injected-parameters"]
+    title = nbformat.v4.new_markdown_cell("# Title")
+    anim = nbformat.v4.new_code_cell("HTML(anim.to_jshtml())")
+    anim.outputs = [nbformat.v4.new_output("display_data", data={"text/html": (
+        '<link rel="stylesheet" href="https://maxcdn.bootstrapcdn.com/font-awesome/4.4.0/'
+        'css/font-awesome.min.css">\n<div class="animation"></div>')})]
+    nb.cells = [setup, params, injected, title, anim]
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {}}
+    source, target = tmp_path / "in.ipynb", tmp_path / "out" / "out.ipynb"
+    nbformat.write(nb, str(source))
+    book._prepare_notebook(source, target)
+    out = nbformat.read(str(target), as_version=4)
+    assert [c.source for c in out.cells] == ["setup", "profile = None", "# Title",
+                                             'profile = "cpu"', "HTML(anim.to_jshtml())"]
+    assert "remove-cell" in out.cells[1].metadata["tags"]
+    html = out.cells[4].outputs[0]["data"]["text/html"]
+    assert "bootstrapcdn" not in html and '<div class="animation">' in html
+    assert "widgets" not in out.metadata
+
+
+def test_broken_links_and_offsite_assets(tmp_path):
+    (tmp_path / "book").mkdir()
+    (tmp_path / "_static").mkdir()
+    (tmp_path / "_static" / "a.css").write_text("")
+    (tmp_path / "book" / "page.html").write_text(
+        '<link rel="stylesheet" href="../_static/a.css">'
+        '<a href="other.html#x">ok?</a> <a href="https://example.org">external</a>'
+        '<img src="data:image/png;base64,AAAA"> <a href="#top">top</a>'
+        '<script src="https://cdn.example.org/x.js"></script>'
+        '<link rel="canonical" href="https://gen3d.example.org/book/page.html">')
+    assert book.broken_links(tmp_path) == ["book/page.html -> other.html#x"]
+    offsite = book.offsite_assets(tmp_path)
+    assert len(offsite) == 1 and "cdn.example.org" in offsite[0]
+    (tmp_path / "book" / "other.html").write_text("")
+    assert book.broken_links(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI
+# ---------------------------------------------------------------------------------------------
+
+def test_cli_chapters_and_report(tiny_book, capsys):
+    assert cli.main(["--root", str(tiny_book.root), "chapters"]) == 0
+    assert "ch02_second" in capsys.readouterr().out
+    assert cli.main(["--root", str(tiny_book.root), "report"]) == 1     # no report yet
+    book.save_report(book.make_report(_rows()[:1]), tiny_book)
+    assert cli.main(["--root", str(tiny_book.root), "report"]) == 0
+    assert "ch01_first" in capsys.readouterr().out
+    assert cli.main(["--root", str(tiny_book.root), "run", "9", "--profile", "smoke"]) == 2
+
+
+def test_cli_data_writes_through_a_partial_folder(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def make_brain_dataset(out, n, size, seed):
+        calls.append((Path(out).name, n, size, seed))
+        Path(out).mkdir(parents=True)
+        (Path(out) / "dataset.json").write_text("{}")
+
+    fake = types.ModuleType("gen3d_lessons.data.brain")
+    fake.make_brain_dataset = make_brain_dataset
+    monkeypatch.setitem(sys.modules, "gen3d_lessons.data.brain", fake)
+    out = tmp_path / "brain"
+    args = ["data", "brain", "--out", str(out), "--n", "3", "--size", "16"]
+    assert cli.main(args) == 0
+    assert calls == [("brain.partial", 3, 16, 0)] and (out / "dataset.json").is_file()
+    assert cli.main(args) == 0 and len(calls) == 1            # present: skipped
+    assert cli.main(args + ["--force"]) == 0 and len(calls) == 2
+    assert not (tmp_path / "brain.partial").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# One small book, end to end: run, report, stage, build, check
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("npm") is None and not book.os.environ.get("GEN3D_MATHJAX_DIR"),
+                    reason="the site build fetches MathJax with npm")
+def test_build_book_end_to_end(tiny_book, capsys):
+    status = book.build_book(tiny_book, profile="cpu")
+    out = capsys.readouterr().out
+    assert status == 1, "a chapter that misses its threshold fails the build"
+    report = book.load_report(tiny_book)
+    assert [r["status"] for r in report["chapters"]] == ["pass", "fail"]
+    assert report["build_ok"] is True, out
+    assert all(r["seconds"] > 0 for r in report["chapters"])
+    assert "misses the cpu threshold" in report["chapters"][1]["error"]
+
+    html = tiny_book.html
+    for page in ("index", "book/intro", "book/ch01_first", "book/ch02_second", "book/report",
+                 "book/bibliography"):
+        assert (html / f"{page}.html").is_file(), page
+    assert (html / "_static" / "mathjax" / "tex-mml-chtml.js").is_file()
+    first = (html / "book" / "ch01_first.html").read_text()
+    assert "profile cpu" in first                       # the executed outputs are on the page
+    assert ("colab.research.google.com/github/gen3d-book/gen3d/blob/main/book/ch01_first.ipynb"
+            in first)
+    assert "FAIL" in (html / "book" / "report.html").read_text()
+    assert book.broken_links(html) == [] and book.offsite_assets(html) == []
+    # rebuilding the site alone keeps the last results
+    assert book.build_book(tiny_book, run=False) == 0
+    assert [r["status"] for r in book.load_report(tiny_book)["chapters"]] == ["pass", "fail"]
+    # the sources were not touched: still no outputs
+    source = nbformat.read(str(tiny_book.root / "book" / "ch01_first.ipynb"), as_version=4)
+    assert not any(c.get("outputs") for c in source.cells if c.cell_type == "code")

@@ -1,0 +1,41 @@
+"""Every chapter of ``_toc.yml`` runs top to bottom in the ``smoke`` profile.
+
+The executed copies and results go to a temporary folder, so the book's own ``_build`` is left
+alone. Run one with ``pytest tests/test_notebooks.py -k ch01``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from gen3d_lessons.book import BookPaths, chapters, run_chapter
+
+ROOT = BookPaths.at(os.environ.get("GEN3D_BOOK_ROOT"))
+CHAPTERS = chapters(ROOT, missing_ok=True)
+
+
+def test_toc_lists_chapters():
+    assert CHAPTERS, f"{ROOT.toc} lists no notebook"
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.name for c in CHAPTERS])
+def test_chapter_runs_in_smoke_profile(chapter, tmp_path):
+    assert chapter.path.is_file(), f"{ROOT.toc} lists {chapter.docname} but it does not exist"
+    cells = json.loads(chapter.path.read_text())["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    tags = [c.get("metadata", {}).get("tags", []) for c in code]
+    assert code and "remove-cell" in tags[0] and "google.colab" in "".join(code[0]["source"]), \
+        "the first code cell is the Colab setup cell, tagged 'remove-cell'"
+    assert any("parameters" in t for t in tags), "a cell must be tagged 'parameters'"
+    assert "results" in tags[-1], "the last code cell must be tagged 'results'"
+    assert not any(c.get("outputs") for c in code), "notebooks are committed without outputs"
+
+    paths = BookPaths(ROOT.root, build_dir=tmp_path / "_build", data_dir=ROOT.data)
+    row = run_chapter(chapter, "smoke", paths)
+    assert row.ok, (f"{chapter.name} failed in the smoke profile: {row.error} "
+                    f"(executed copy: {row.executed})")
+    assert (paths.results / f"{chapter.name}.json").is_file()
