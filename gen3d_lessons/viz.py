@@ -364,8 +364,11 @@ _PLAYER_CSS = """<style>
 </style>"""
 
 
-def _animate(fig: Figure, update, n_frames: int, fps: float, mode: str):
-    """Render every frame into a self-contained HTML player (slider + buttons); close ``fig``."""
+def _animate(fig: Figure, update, n_frames: int, fps: float, mode: str, start: int = 0):
+    """Render every frame into a self-contained HTML player (slider + buttons); close ``fig``.
+
+    The player opens on frame ``start`` (e.g. the middle slice rather than an empty first one).
+    """
     from IPython.display import HTML  # only needed here: the rest of viz works without IPython
 
     fig.tight_layout()
@@ -373,6 +376,9 @@ def _animate(fig: Figure, update, n_frames: int, fps: float, mode: str):
     html = anim.to_jshtml(fps=fps, default_mode=mode)
     plt.close(fig)
     html = re.sub(r"<link[^>]*font-awesome[^>]*>", "", html)
+    if start:  # matplotlib's player object is created as `anim<id> = new Animation(...);`
+        html = re.sub(r"(anim\w+) = new Animation\(([^;]*)\);", rf"\1 = new Animation(\2); \1.set_frame({int(start)});",
+                      html, count=1)
     return HTML(f'{_PLAYER_CSS}<div class="gen3d-anim">{html}</div>')
 
 
@@ -462,4 +468,4 @@ def slice_scrubber(volume: Any, label: Any = None, axis: int = 2, spacing: Any =
         a.set_title(heading + _slice_title(axis, k), fontsize=9)
         return [image] if over is None else [image, over]
 
-    return _animate(fig, update, len(ks), fps=4, mode="once")
+    return _animate(fig, update, len(ks), fps=4, mode="once", start=len(ks) // 2)
