@@ -39,3 +39,20 @@ def test_chapter_runs_in_smoke_profile(chapter, tmp_path):
     assert row.ok, (f"{chapter.name} failed in the smoke profile: {row.error} "
                     f"(executed copy: {row.executed})")
     assert (paths.results / f"{chapter.name}.json").is_file()
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.name for c in CHAPTERS])
+def test_colab_cell_installs_from_the_configured_repository(chapter):
+    """The hidden Colab cell clones the same repository that the launch buttons point at."""
+    import yaml
+
+    url = yaml.safe_load(ROOT.config.read_text())["repository"]["url"].rstrip("/")
+    first = "".join(json.loads(chapter.path.read_text())["cells"][0]["source"])
+    assert f'"{url}"' in first, f"{chapter.name}: the Colab cell must clone {url} (repository.url in _config.yml)"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.name for c in CHAPTERS])
+def test_results_cell_records_this_chapter(chapter):
+    last = [c for c in json.loads(chapter.path.read_text())["cells"] if c["cell_type"] == "code"][-1]
+    assert f'record("{chapter.name}"' in "".join(last["source"]), \
+        f"{chapter.name}: the results cell must call record(\"{chapter.name}\", ...)"
