@@ -1,0 +1,80 @@
+"""The registration family's loss and training step (VoxelMorph, unsupervised or with label supervision).
+
+    L = sim(fixed, moving ∘ phi) + lambda_smooth * reg(u) + lambda_dice * (1 - Dice(labels_fixed, labels_moving ∘ phi))
+
+``RegistrationLoss`` holds the recipe (which similarity, which regulariser, the weights); the same
+object scores a network's output during training and a field optimised per pair in
+:func:`gen3d_lessons.register.register_iterative`, so the two are compared on one objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from .. import losses_registration as L
+from .. import spatial
+
+
+@dataclass(frozen=True)
+class RegistrationLoss:
+    similarity: str = "mse"          # "mse" (same contrast) or "ncc" (local normalised cross-correlation)
+    regulariser: str = "gradient"    # "gradient" (diffusion, mean |∇u|²) or "bending" (second derivatives)
+    smoothness: float = 0.01         # lambda_smooth
+    dice: float = 0.0                # lambda_dice: weight of the auxiliary label term (0: unsupervised)
+    ncc_window: int = 7
+
+    def __post_init__(self):
+        if self.similarity not in ("mse", "ncc"):
+            raise ValueError(f"similarity: expected 'mse' or 'ncc', got {self.similarity!r}")
+        if self.regulariser not in ("gradient", "bending"):
+            raise ValueError(f"regulariser: expected 'gradient' or 'bending', got {self.regulariser!r}")
+        if self.smoothness < 0 or self.dice < 0:
+            raise ValueError(f"weights must be >= 0, got smoothness={self.smoothness}, dice={self.dice}")
+
+    def __call__(self, fixed: torch.Tensor, warped: torch.Tensor, u: torch.Tensor,
+                 fixed_labels: torch.Tensor | None = None,
+                 warped_labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The terms and their weighted sum ``"loss"``; the Dice term needs both label tensors (B, K, *S)."""
+        sim = L.mse_loss(fixed, warped) if self.similarity == "mse" else L.ncc_loss(fixed, warped, self.ncc_window)
+        reg = L.gradient_loss(u) if self.regulariser == "gradient" else L.bending_energy(u)
+        terms = {"similarity": sim, "smoothness": reg}
+        loss = sim + self.smoothness * reg
+        if self.dice > 0:
+            if fixed_labels is None or warped_labels is None:
+                raise ValueError("RegistrationLoss: dice > 0 needs fixed_labels and warped_labels (B, K, *S)")
+            terms["dice_loss"] = L.soft_dice_loss(fixed_labels, warped_labels)
+            loss = loss + self.dice * terms["dice_loss"]
+        terms["loss"] = loss
+        return terms
+
+
+def registration_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, Any],
+                      loss_fn: RegistrationLoss) -> dict[str, float]:
+    """One optimiser step of a VoxelMorph-style ``model(moving, fixed) -> (field, displacement, warped)``.
+
+    ``batch``: ``moving``, ``fixed`` (B, C, D, H, W); with ``loss_fn.dice > 0`` also ``moving_labels``
+    and ``fixed_labels`` (B, K, D, H, W), one-hot or probabilities. Use with ``fit``:
+    ``fit(lambda b, i: registration_step(net, opt, b, loss_fn), loader, ...)``.
+    """
+    model.train()
+    device = next(model.parameters()).device
+    moving, fixed = batch["moving"].to(device), batch["fixed"].to(device)
+    # 1. predict the field, integrate and upsample it, warp the moving image (the spatial transformer)
+    out = model(moving, fixed)
+    # 2. labels of the moving image follow the same deformation (linear interpolation: differentiable)
+    warped_labels = fixed_labels = None
+    if loss_fn.dice > 0:
+        fixed_labels = batch["fixed_labels"].to(device)
+        warped_labels = spatial.warp(batch["moving_labels"].to(device), out.displacement)
+    # 3. similarity + smoothness (+ Dice), then one step of the optimiser
+    terms = loss_fn(fixed, out.warped, out.displacement, fixed_labels, warped_labels)
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    optimizer.step()
+    # 4. report the terms and how much the field moves (voxels)
+    report = {k: v.detach() for k, v in terms.items()}
+    report["mean_|u|"] = out.displacement.detach().pow(2).sum(1).sqrt().mean()
+    return report

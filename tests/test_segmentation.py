@@ -1,0 +1,262 @@
+"""Chapter 10's library code: the U-Net, Vox2Vox and VAE-reg pieces, step functions, baselines,
+domain randomisation and predict() on real NIfTI geometry."""
+
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gen3d_lessons.baselines_segmentation import (atlas_segmentation, heart_intensity_segmentation,
+                                                  register_affine, threshold_segmentation)
+from gen3d_lessons.data.errors import DataError
+from gen3d_lessons.models.segmentation import (PatchDiscriminator3D, PatchDiscriminatorConfig, VAERegConfig,
+                                               VAERegUNet)
+from gen3d_lessons.models.unet import UNet3D, UNetConfig, pad_to_multiple
+from gen3d_lessons.segment import (SegmenterConfig, SynthConfig, load_segmenter, model_grid, normalize_intensity,
+                                   predict, save_segmenter, synthesize)
+from gen3d_lessons.training import fit
+from gen3d_lessons.training.segmentation import CropBatches, random_flip, seg_step, vaereg_step, vox2vox_step
+
+SMALL = UNetConfig(in_channels=1, out_channels=3, features=(4, 8, 16))
+
+
+def blobs(n=4, size=16, seed=0):
+    """Images with a bright ball (label 2) inside a dim box (label 1): a toy segmentation problem."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.arange(size).float()
+    zz, yy, xx = torch.meshgrid(x, x, x, indexing="ij")
+    images, labels = [], []
+    for _ in range(n):
+        c = size / 2 + 2 * (torch.rand(3, generator=g) - 0.5)
+        r = ((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2).sqrt()
+        lab = torch.zeros(size, size, size, dtype=torch.long)
+        lab[3:-3, 3:-3, 3:-3] = 1
+        lab[r < size / 5] = 2
+        img = torch.tensor([0.0, 0.4, 0.9])[lab] + 0.05 * torch.randn(lab.shape, generator=g)
+        images.append(img[None])
+        labels.append(lab[None])
+    return torch.stack(images), torch.stack(labels)        # (N, 1, S, S, S) each
+
+
+# models ----------------------------------------------------------------------------------------
+
+def test_unet_shapes_encode_decode_and_errors():
+    net = UNet3D(SMALL)
+    x = torch.randn(2, 1, 16, 16, 8)
+    feats = net.encode(x)
+    assert [f.shape[1] for f in feats] == [4, 8, 16] and feats[-1].shape[2:] == (4, 4, 2)
+    assert net(x).shape == (2, 3, 16, 16, 8)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        net(torch.randn(1, 1, 10, 16, 16))
+    with pytest.raises(ValueError, match=r"\(B, 1, D, H, W\)"):
+        net(torch.randn(1, 2, 16, 16, 16))
+    with pytest.raises(ValueError, match="norm"):
+        UNetConfig(norm="group")
+    assert UNetConfig(**asdict(SMALL)) == SMALL and UNetConfig(features=[4, 8]).features == (4, 8)
+
+
+def test_pad_to_multiple_round_trip():
+    x = torch.randn(1, 2, 11, 16, 5)
+    xp, crop = pad_to_multiple(x, 8)
+    assert xp.shape == (1, 2, 16, 16, 8)
+    assert torch.equal(xp[(slice(None), slice(None), *crop)], x)
+
+
+def test_patch_discriminator_and_vaereg_shapes():
+    d = PatchDiscriminator3D(PatchDiscriminatorConfig(in_channels=1 + 3, features=(4, 8)))
+    assert d(torch.randn(2, 1, 16, 16, 16), torch.rand(2, 3, 16, 16, 16)).shape == (2, 1, 4, 4, 4)
+    cfg = VAERegConfig(unet=SMALL, crop=(16, 16, 16), latent_dim=8)
+    net = VAERegUNet(cfg)
+    logits, recon, mu, logvar = net.forward_train(torch.randn(2, 1, 16, 16, 16))
+    assert logits.shape == (2, 3, 16, 16, 16) and recon.shape == (2, 1, 16, 16, 16) and mu.shape == (2, 8)
+    assert net(torch.randn(1, 1, 24, 16, 8)).shape == (1, 3, 24, 16, 8)       # seg path: any divisible size
+    with pytest.raises(ValueError, match="crops of"):
+        net.forward_train(torch.randn(1, 1, 24, 16, 16))
+    assert VAERegConfig(**asdict(cfg)) == cfg                                   # survives save / load
+
+
+# training ----------------------------------------------------------------------------------------
+
+def test_crop_batches_are_seeded_and_shaped():
+    images, labels = blobs(3)
+    a = next(iter(CropBatches(images, labels, crop=8, batch_size=2, seed=1)))
+    b = next(iter(CropBatches(images, labels, crop=8, batch_size=2, seed=1)))
+    assert a["image"].shape == (2, 1, 8, 8, 8) and a["label"].shape == (2, 1, 8, 8, 8)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    with pytest.raises(ValueError, match="larger than"):
+        CropBatches(images, labels, crop=32)
+    flipped = random_flip({"image": images, "label": labels}, torch.Generator().manual_seed(0))
+    assert flipped["image"].shape == images.shape and not torch.equal(flipped["image"], images)
+
+
+def _dice_of(model, images, labels):
+    with torch.no_grad():
+        pred = model(images).argmax(1)
+    inter = ((pred == 2) & (labels[:, 0] == 2)).sum().item()
+    return 2 * inter / ((pred == 2).sum().item() + (labels[:, 0] == 2).sum().item())
+
+
+def test_seg_step_learns_a_toy_problem():
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    images, labels = blobs(4)
+    net = UNet3D(SMALL)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    step = partial(seg_step, model=net, optimizer=opt, loss_fn=DiceCELoss(to_onehot_y=True, softmax=True))
+    h = fit(step, [{"image": images, "label": labels}], max_steps=40)
+    assert h.values["loss"][-1] < 0.5 * h.values["loss"][0]
+    assert _dice_of(net.eval(), images, labels) > 0.8
+
+
+def test_vox2vox_and_vaereg_steps_update_their_networks():
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    images, labels = blobs(2)
+    batch = {"image": images, "label": labels}
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    g, d = UNet3D(SMALL), PatchDiscriminator3D(PatchDiscriminatorConfig(in_channels=4, features=(4, 8)))
+    g0, d0 = [p.clone() for p in g.parameters()], [p.clone() for p in d.parameters()]
+    out = vox2vox_step(batch, 0, generator=g, discriminator=d, opt_g=torch.optim.Adam(g.parameters(), 1e-3),
+                       opt_d=torch.optim.Adam(d.parameters(), 1e-3), loss_fn=loss_fn)
+    assert set(out) == {"seg", "adv", "loss_d"} and all(np.isfinite(v) for v in out.values())
+    assert any(not torch.equal(a, b) for a, b in zip(g0, g.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(d0, d.parameters()))
+    net = VAERegUNet(VAERegConfig(unet=SMALL, crop=(16, 16, 16), latent_dim=8))
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    first = vaereg_step(batch, 0, model=net, optimizer=opt, loss_fn=loss_fn)
+    for i in range(15):
+        last = vaereg_step(batch, i, model=net, optimizer=opt, loss_fn=loss_fn)
+    assert last["l2"] < first["l2"] and last["seg"] < first["seg"] and last["kl"] >= 0
+
+
+# baselines -----------------------------------------------------------------------------------------
+
+def test_threshold_segmentation_orders_classes_by_brightness():
+    images, labels = blobs(1)
+    img, lab = images[0, 0].numpy(), labels[0, 0].numpy()
+    for method in ("otsu", "kmeans"):
+        pred = threshold_segmentation(img, mask=lab > 0, n_classes=2, method=method)
+        assert ((pred == lab) | (lab == 0)).mean() > 0.99
+    with pytest.raises(ValueError, match="method"):
+        threshold_segmentation(img, mask=lab > 0, method="magic")
+    with pytest.raises(DataError, match="NaN"):
+        threshold_segmentation(np.full((8, 8, 8), np.nan))
+
+
+def test_affine_registration_recovers_a_shift_and_atlas_labels_follow():
+    images, labels = blobs(1, size=24)
+    fixed = images[0, 0]
+    theta_true = torch.tensor([[[1.0, 0, 0, 0.15], [0, 1.0, 0, -0.1], [0, 0, 1.0, 0.0]]])
+    grid = F.affine_grid(theta_true, [1, 1, 24, 24, 24], align_corners=False)
+    moving = F.grid_sample(fixed[None, None], grid, align_corners=False)[0, 0]
+    # moving(p) = fixed(A p): the map that brings moving onto fixed is A's inverse
+    theta = register_affine(moving.numpy(), fixed.numpy(), iterations=150, lr=0.02, shrink=1)
+    assert torch.allclose(theta[0, :, 3], torch.tensor([-0.15, 0.1, 0.0]), atol=0.04)
+    probs = F.one_hot(labels[0, 0], 3).float()
+    probs_moving = F.grid_sample(probs.permute(3, 0, 1, 2)[None], grid, align_corners=False)[0].permute(1, 2, 3, 0)
+    pred = atlas_segmentation(moving.numpy(), probs_moving.numpy(), fixed.numpy(), iterations=150)
+    assert (pred == labels[0, 0].numpy()).mean() > 0.95
+
+
+def test_heart_baseline_finds_two_pools_and_a_ring():
+    x = np.zeros((40, 40, 20), np.float32) + 0.3                           # tissue
+    i, j = np.meshgrid(np.arange(40), np.arange(40), indexing="ij")
+    lv = (i - 24) ** 2 + (j - 20) ** 2 < 36
+    wall = ((i - 24) ** 2 + (j - 20) ** 2 < 81) & ~lv
+    rv = ((i - 11) ** 2 + (j - 20) ** 2 < 25)
+    x[..., 5:15][lv] = 0.9
+    x[..., 5:15][rv] = 0.85
+    x[..., 5:15][wall] = 0.2
+    out = heart_intensity_segmentation(x, spacing=(2.0, 2.0, 2.0), wall_mm=6.0)
+    assert (out[..., 10][lv] == 3).all() and (out[..., 10][rv] == 1).all()
+    assert (out[..., 10][wall] == 2).mean() > 0.8
+
+
+# domain randomisation and predict() --------------------------------------------------------------------
+
+def test_synthesize_draws_varied_images_from_labels():
+    _, labels = blobs(3, size=16)
+    g = torch.Generator().manual_seed(0)
+    image, lab = synthesize(labels, g, SynthConfig(fov_crop_prob=0.0, max_rotation_deg=0, max_scale=0), n_labels=3)
+    assert image.shape == labels.shape and image.min() >= 0 and image.max() <= 1
+    assert torch.equal(lab, labels)                                          # no pose change asked for
+    means = [[image[b][lab[b] == k].mean().item() for k in range(3)] for b in range(3)]
+    assert np.std([m[2] - m[1] for m in means]) > 0.05                      # contrasts differ between samples
+    image2, _ = synthesize(labels, torch.Generator().manual_seed(0), SynthConfig(fov_crop_prob=0.0,
+                           max_rotation_deg=0, max_scale=0), n_labels=3)
+    assert torch.equal(image, image2)                                        # seeded
+
+
+def test_normalize_intensity_maps_percentiles_to_unit_range():
+    x = torch.randn(2, 1, 8, 8, 8) * 100 + 50
+    y = normalize_intensity(x)
+    assert y.min() == 0 and y.max() == 1 and y.shape == x.shape
+
+
+def test_model_grid_covers_the_field_of_view():
+    affine = np.array([[-2.0, 0, 0, 32], [0, 2, 0, -40], [0, 0, 2, -16], [0, 0, 0, 1]])    # LAS, 2 mm
+    shape, grid_affine = model_grid((33, 41, 25), affine, 3.0, divisor=8)
+    assert all(s % 8 == 0 for s in shape) and np.allclose(np.diag(grid_affine)[:3], 3.0)
+    corners = np.array([[0, 0, 0, 1], [32, 40, 24, 1]]).T
+    world = affine @ corners
+    ijk = np.linalg.inv(grid_affine) @ world
+    assert (ijk[:3] >= 0).all() and (ijk[:3].T <= np.array(shape) - 1).all()
+
+
+@pytest.fixture
+def saved_identity_segmenter(tmp_path: Path) -> Path:
+    """A 'segmenter' whose network is untrained but whose file, config and geometry are real."""
+    torch.manual_seed(0)
+    cfg = SegmenterConfig(unet=UNetConfig(in_channels=1, out_channels=4, features=(4, 8)), spacing_mm=3.0)
+    return save_segmenter(UNet3D(cfg.unet), cfg, tmp_path / "seg.pt")
+
+
+def test_predict_returns_labels_on_the_input_grid(tmp_path, saved_identity_segmenter):
+    affine = np.array([[-2.0, 0, 0, 32], [0, 0, 2.5, -40], [0, 2, 0, -16], [0, 0, 0, 1]])   # LSA, oblique axes
+    data = np.random.default_rng(0).random((20, 13, 17)).astype(np.float32)
+    path = tmp_path / "t1.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), path)
+    out = predict(path, model_path=saved_identity_segmenter)
+    assert out.shape == data.shape and np.allclose(out.affine, affine) and out.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2, 3}
+    model, cfg = load_segmenter(saved_identity_segmenter)
+    assert cfg.spacing_mm == 3.0 and cfg.labels == ("background", "CSF", "GM", "WM")
+
+
+def test_predict_is_consistent_across_orientations(tmp_path, saved_identity_segmenter):
+    """The same anatomy stored LAS or RAS gives the same labels at the same world positions."""
+    data = np.random.default_rng(1).random((16, 16, 16)).astype(np.float32)
+    ras = nib.Nifti1Image(data, np.diag([2.0, 2, 2, 1]))
+    flipped_affine = np.diag([-2.0, 2, 2, 1])
+    flipped_affine[0, 3] = 30.0                                               # voxel 15 of the flip = voxel 0
+    las = nib.Nifti1Image(data[::-1].copy(), flipped_affine)
+    a = np.asarray(predict(ras, model_path=saved_identity_segmenter).dataobj)
+    b = np.asarray(predict(las, model_path=saved_identity_segmenter).dataobj)
+    assert np.array_equal(a, b[::-1])
+
+
+def test_predict_clear_errors(tmp_path, saved_identity_segmenter):
+    with pytest.raises(FileNotFoundError, match="chapter 10"):
+        predict(nib.Nifti1Image(np.random.rand(8, 8, 8).astype(np.float32), np.eye(4)), model_path=tmp_path / "none.pt")
+    with pytest.raises(DataError, match="file not found"):
+        predict(tmp_path / "missing.nii.gz", model_path=saved_identity_segmenter)
+    with pytest.raises(DataError, match="2D"):
+        predict(nib.Nifti1Image(np.ones((8, 8), np.float32), np.eye(4)), model_path=saved_identity_segmenter)
+    with pytest.raises(DataError, match="NaN"):
+        bad = np.ones((8, 8, 8), np.float32)
+        bad[0, 0, 0] = np.nan
+        predict(nib.Nifti1Image(bad, np.eye(4)), model_path=saved_identity_segmenter)
+    with pytest.raises(DataError, match="3 volumes"):
+        predict(nib.Nifti1Image(np.random.rand(8, 8, 8, 3).astype(np.float32), np.eye(4)),
+                model_path=saved_identity_segmenter)
+    with pytest.raises(DataError, match="nothing to segment"):
+        predict(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), model_path=saved_identity_segmenter)
+    with pytest.raises(TypeError, match="path to a NIfTI"):
+        predict(np.zeros((8, 8, 8)), model_path=saved_identity_segmenter)
