@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -23,26 +22,15 @@ DATASETS = ("brain", "heart")
 
 
 def _make_dataset(kind: str, out: Path, args: argparse.Namespace) -> None:
-    """Write one phantom dataset into ``out``, through a temporary folder renamed at the end,
-    so an interrupted run never leaves a folder that looks finished."""
-    if (out / "dataset.json").is_file() and not args.force:
+    """Write one phantom dataset into ``out`` (atomically: see :func:`data.write_dataset`)."""
+    from .data import _complete, write_dataset
+
+    if not args.force and _complete(out, args.n):
         print(f"{kind}: {out} exists, skipping (--force to remake it)")
         return
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     start = time.perf_counter()
-    if kind == "brain":
-        from .data.brain import make_brain_dataset
-
-        make_brain_dataset(tmp, n=args.n, size=args.size, seed=args.seed)
-    else:
-        from .data.heart import make_heart_dataset
-
-        make_heart_dataset(tmp, n=args.n, size=args.size, frames=args.frames, seed=args.seed)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    params = dict(n=args.n, size=args.size, seed=args.seed) | (dict(frames=args.frames) if kind == "heart" else {})
+    write_dataset(kind, out, force=args.force, **params)
     print(f"{kind}: wrote {out} ({args.n} subjects, {args.size}^3, "
           f"{time.perf_counter() - start:.1f} s)")
 

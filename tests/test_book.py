@@ -278,10 +278,11 @@ def test_cli_chapters_and_report(tiny_book, capsys):
 def test_cli_data_writes_through_a_partial_folder(tmp_path, monkeypatch, capsys):
     calls = []
 
-    def make_brain_dataset(out, n, size, seed):
-        calls.append((Path(out).name, n, size, seed))
+    def make_brain_dataset(out, n, size, seed, progress=True):
+        calls.append((Path(out).name.split("-")[0], n, size, seed))
         Path(out).mkdir(parents=True)
-        (Path(out) / "dataset.json").write_text("{}")
+        (Path(out) / "dataset.json").write_text(json.dumps({"numTraining": n - 1, "numTest": 1}))
+        (Path(out) / "manifest.csv").write_text("id,split\n")
 
     fake = types.ModuleType("gen3d_lessons.data.brain")
     fake.make_brain_dataset = make_brain_dataset
@@ -292,7 +293,7 @@ def test_cli_data_writes_through_a_partial_folder(tmp_path, monkeypatch, capsys)
     assert calls == [("brain.partial", 3, 16, 0)] and (out / "dataset.json").is_file()
     assert cli.main(args) == 0 and len(calls) == 1            # present: skipped
     assert cli.main(args + ["--force"]) == 0 and len(calls) == 2
-    assert not (tmp_path / "brain.partial").exists()
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,3 +329,33 @@ def test_build_book_end_to_end(tiny_book, capsys):
     # the sources were not touched: still no outputs
     source = nbformat.read(str(tiny_book.root / "book" / "ch01_first.ipynb"), as_version=4)
     assert not any(c.get("outputs") for c in source.cells if c.cell_type == "code")
+
+
+def test_concurrent_requests_make_a_dataset_once(tmp_path, monkeypatch):
+    """Two chapters asking for the same cohort at once: one generates it, the other waits and reuses it."""
+    import threading
+    import time as _time
+
+    from gen3d_lessons import data
+
+    calls = []
+
+    def make_brain_dataset(out, n, size, seed, progress=True):
+        calls.append(Path(out).name)
+        _time.sleep(0.3)                                 # long enough for the second request to arrive
+        Path(out).mkdir(parents=True)
+        (Path(out) / "dataset.json").write_text(json.dumps({"numTraining": n, "numTest": 0}))
+        (Path(out) / "manifest.csv").write_text("id,split\n")
+
+    fake = types.ModuleType("gen3d_lessons.data.brain")
+    fake.make_brain_dataset = make_brain_dataset
+    monkeypatch.setitem(sys.modules, "gen3d_lessons.data.brain", fake)
+    monkeypatch.setenv("GEN3D_DATA", str(tmp_path))
+    found = []
+    threads = [threading.Thread(target=lambda: found.append(data.ensure_dataset("brain", n=2, size=16)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(found)) == 1 and (found[0] / "dataset.json").is_file()

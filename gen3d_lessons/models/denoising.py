@@ -163,8 +163,3 @@ class Critic3D(nn.Module):
         h = self.features(x)                                     # (B, ch[-1], D/2^n, H/2^n, W/2^n)
         h = h.flatten(2).mean(-1)                                # (B, ch[-1])
         return self.score(h).squeeze(-1)                         # (B,)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

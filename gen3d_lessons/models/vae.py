@@ -8,7 +8,7 @@ and decodes ``z`` back into a volume. Training maximises the evidence lower boun
     log p(x) >= E_q[log p_theta(x | z)] - KL(q_phi(z | x) || N(0, I)),
 
 which, for a Gaussian decoder with a fixed variance, is a reconstruction error plus a KL term
-(:func:`kl_to_standard_normal`).
+(:func:`gen3d_lessons.losses.kl_to_standard_normal`).
 
 The CVAE (Sohn et al. 2015; survey Eq. 8) gives both halves a condition ``c`` (a vector such
 as age and scanner site): ``q_phi(z | x, c)`` and ``p_theta(x | z, c)``. The latent then only
@@ -68,11 +68,6 @@ def _up(c_in: int, c_out: int, groups: int | None) -> nn.Sequential:
     """Double the edge: a 4×4×4 transposed convolution with stride 2 (+ GroupNorm, SiLU unless last)."""
     conv = nn.ConvTranspose3d(c_in, c_out, 4, stride=2, padding=1)
     return nn.Sequential(conv) if groups is None else nn.Sequential(conv, nn.GroupNorm(groups, c_out), nn.SiLU())
-
-
-def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) per sample, (B,): 0.5 * sum(mu² + sigma² - 1 - log sigma²)."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
 
 
 class VAE3D(nn.Module):
@@ -158,9 +153,4 @@ class VAE3D(nn.Module):
         return self.decode(z, c)
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-__all__ = ["VAEConfig", "VAE3D", "kl_to_standard_normal", "count_parameters"]
+__all__ = ["VAEConfig", "VAE3D"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses_denoising import gradient_penalty
+from ..losses import gradient_penalty
 
 
 def random_flips(item: Mapping[str, Any], keys: tuple[str, ...] = ("lowdose", "image", "label")) -> dict[str, Any]:

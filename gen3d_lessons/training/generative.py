@@ -15,7 +15,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from ..models.vae import VAE3D, kl_to_standard_normal
+from ..losses import kl_to_standard_normal
+from ..models.vae import VAE3D
 from ..models.vqvae import CodeTransformer, VQVAE3D, to_sequence
 
 

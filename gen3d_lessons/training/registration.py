@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .. import losses_registration as L
+from .. import losses as L
 from .. import spatial
 
 

@@ -1,21 +1,57 @@
-"""Losses of image registration: how alike two images are, and how smooth a deformation is.
+"""The book's losses: pure functions of tensors, each returning a 0-d tensor to *minimise*
+(or a per-sample tensor where a chapter needs one).
 
-Pure functions on tensors ``(B, C, *S)`` (images) and ``(B, N, *S)`` (displacement fields in voxels,
-as in :mod:`gen3d_lessons.spatial`). Each returns a 0-d tensor to *minimise*:
+Shapes: images ``(B, C, *S)``, displacement fields ``(B, N, *S)`` in voxels (as in
+:mod:`gen3d_lessons.spatial`), latent statistics ``(B, Z)``. Nothing below assumes three spatial
+axes, so every function works on 2D images too.
 
-- similarity: :func:`mse_loss` (same contrast), :func:`ncc_loss` (local normalised cross-correlation:
-  insensitive to a local gain and offset, so it tolerates bias fields and contrast changes);
-- smoothness: :func:`gradient_loss` (diffusion regulariser, mean ``|∇u|²``) and
+- distributions: :func:`kl_to_standard_normal` (the VAE's KL term, survey Eq. 7);
+- adversarial: :func:`gradient_penalty` (WGAN-GP, survey Eq. 5);
+- similarity: :func:`mse_loss` (same contrast), :func:`ncc` / :func:`ncc_loss` (local normalised
+  cross-correlation: insensitive to a local gain and offset, so it tolerates bias fields);
+- smoothness of a deformation: :func:`gradient_loss` (diffusion regulariser, mean ``|∇u|²``) and
   :func:`bending_energy` (mean squared second derivatives: penalises curvature, not stretching);
-- supervision by anatomy: :func:`soft_dice_loss` between warped and target label probabilities.
-
-They work in 2D and 3D alike: nothing below assumes three spatial axes.
+- overlap: :func:`soft_dice_loss` between label probabilities.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+
+
+# 1. Distributions ------------------------------------------------------------------------------
+
+def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) per sample, (B,): 0.5 * sum(mu² + sigma² - 1 - log sigma²)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+
+
+# 2. Adversarial training ------------------------------------------------------------------------
+
+def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
+                     fake: torch.Tensor) -> torch.Tensor:
+    """WGAN-GP penalty (Gulrajani et al. 2017, their Eq. 3): ``E[(||∇_x̃ D(x̃)||₂ − 1)²]``.
+
+    ``x̃ = ε real + (1 − ε) fake`` with one ``ε ~ U(0, 1)`` per sample, on the straight lines
+    between real and generated volumes, where a 1-Lipschitz optimal critic has gradient norm 1.
+    The graph is kept (``create_graph``) so that the penalty can be backpropagated into the critic.
+    """
+    if real.shape != fake.shape:
+        raise ValueError(f"fake: shape {tuple(fake.shape)} does not match real {tuple(real.shape)}")
+    # 1. random points between real and fake: eps is (B, 1, 1, 1, 1), broadcast over C, D, H, W
+    eps = torch.rand((real.shape[0],) + (1,) * (real.ndim - 1), device=real.device, dtype=real.dtype)
+    x_tilde = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
+    # 2. gradient of the critic's scores with respect to those points
+    (grad,) = torch.autograd.grad(critic(x_tilde).sum(), x_tilde, create_graph=True)
+    # 3. distance of each sample's gradient norm from 1
+    norms = grad.flatten(1).norm(dim=1)                          # (B,)
+    return ((norms - 1) ** 2).mean()
+
+
+# 3. Registration: similarity, smoothness, overlap -----------------------------------------------
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor, names: tuple[str, str]) -> None:
