@@ -46,6 +46,7 @@ MATHJAX_PARTS = ("tex-mml-chtml.js", "input", "output", "ui", "a11y", "adaptors"
 
 RESULTS_ENV = "GEN3D_RESULTS_DIR"
 DATA_ENV = "GEN3D_DATA"     # read by gen3d_lessons.data.data_root()
+BUILD_ENV = "GEN3D_BUILD_DIR"   # where runs and builds write (default <root>/_build); must end in _build
 PROFILE_ENV = "GEN3D_PROFILE"
 CHAPTER_ENV = "GEN3D_CHAPTER"
 STATIC_ENV = "GEN3D_STATIC"
@@ -103,7 +104,9 @@ class BookPaths:
 
     @property
     def build(self) -> Path:
-        return Path(self.build_dir) if self.build_dir else self.root / "_build"
+        if self.build_dir:
+            return Path(self.build_dir)
+        return Path(os.environ.get(BUILD_ENV) or self.root / "_build")
 
     @property
     def executed(self) -> Path:
