@@ -1,0 +1,240 @@
+"""Chapter 11's library code: the residual encoder–decoder, the WGAN critic, the step functions,
+denoise() and its checks, the classical baselines and the scores."""
+
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from gen3d_lessons import baselines_denoising as bd
+from gen3d_lessons.models.denoising import Critic3D, CriticConfig, RED3D, REDConfig, denoise
+from gen3d_lessons.training import fit, load_model, save_model
+from gen3d_lessons.training.denoising import augment, mse_step, red_wgan_step
+
+SMALL = REDConfig(channels=(4, 8))
+S = 8                                                        # voxels per side in most tests
+
+
+def phantom(size=16, noise=0.1, seed=0):
+    """(clean, noisy, mask) float64 volumes: a bright ball in a dim box, plus Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    r = np.linalg.norm(np.indices((size,) * 3) - (size - 1) / 2, axis=0)
+    clean = np.where(r < size / 4, 0.9, np.where(r < size / 2.2, 0.4, 0.0))
+    return clean, clean + noise * rng.normal(size=clean.shape), r < size / 2.2
+
+
+def trained_on_zero_head(net):
+    with torch.no_grad():
+        net.head.weight.normal_(0, 0.1)
+    return net
+
+
+# models ----------------------------------------------------------------------------------------
+
+def test_red_starts_as_identity_and_keeps_shapes():
+    x = torch.rand(2, 1, S, S, S)
+    net = RED3D(SMALL)
+    assert torch.equal(net(x), x)                            # zero-initialised head: x + 0
+    assert net.multiple == 2
+    for cfg in (REDConfig(channels=(4, 8, 16), norm="none"), REDConfig(channels=(4, 8), unshuffle=2, norm="batch"),
+                REDConfig(in_channels=2, out_channels=1, channels=(4, 8), norm="instance")):
+        net = RED3D(cfg)
+        x = torch.rand(2, cfg.in_channels, 16, 16, 8)
+        assert net(x).shape == (2, cfg.n_out, 16, 16, 8)
+
+
+def test_red_dae_variant_is_not_residual():
+    net = RED3D(REDConfig(channels=(4, 8), shortcuts=False, residual=False))
+    x = torch.rand(1, 1, S, S, S)
+    assert torch.equal(net(x), torch.zeros_like(x))           # f(x) only, no x + ..., and f starts at 0
+
+
+def test_red_errors():
+    net = RED3D(REDConfig(channels=(4, 8, 16)))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        net(torch.rand(1, 1, 8, 8, 6))
+    with pytest.raises(ValueError, match=r"\(B, 1, D, H, W\)"):
+        net(torch.rand(1, 2, 8, 8, 8))
+    with pytest.raises(ValueError, match="out_channels"):
+        REDConfig(in_channels=1, out_channels=2)
+    with pytest.raises(ValueError, match="norm"):
+        REDConfig(norm="layer")
+    with pytest.raises(ValueError, match="positive"):
+        REDConfig(channels=(4, 0))
+
+
+def test_gradients_reach_every_parameter():
+    net = trained_on_zero_head(RED3D(SMALL))
+    critic = Critic3D(CriticConfig(channels=(4, 8)))
+    loss = ((net(torch.rand(2, 1, S, S, S)) - 0.5) ** 2).mean() + critic(torch.rand(2, 1, S, S, S)).sum()
+    loss.backward()
+    for name, p in [*net.named_parameters(), *critic.named_parameters()]:
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert critic(torch.rand(3, 1, 16, 16, 16)).shape == (3,)
+
+
+def test_save_load_round_trip(tmp_path):
+    net = trained_on_zero_head(RED3D(SMALL)).eval()
+    path = save_model(tmp_path / "red.pt", net, net.cfg)
+    back = load_model(path, lambda c: RED3D(REDConfig(**c)))
+    x = torch.rand(1, 1, S, S, S)
+    assert back.cfg == net.cfg and torch.allclose(back(x), net(x))
+
+
+# steps ----------------------------------------------------------------------------------------
+
+def pairs(n=4, size=S):
+    clean, _, mask = phantom(size)
+    y = torch.as_tensor(clean, dtype=torch.float32)[None].expand(n, 1, size, size, size)
+    x = y + 0.1 * torch.randn_like(y)
+    return {"lowdose": x, "image": y.clone(), "label": torch.as_tensor(mask)[None].expand(n, 1, size, size, size).long()}
+
+
+def test_mse_step_learns():
+    torch.manual_seed(0)
+    net = RED3D(SMALL)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    history = fit(partial(mse_step, model=net, opt=opt, sched=sched), [pairs()], max_steps=40)
+    assert history.values["mse"][-1] < 0.5 * history.values["mse"][0]
+    assert sched.last_epoch == 40
+
+
+def test_red_wgan_step_warmup_and_updates():
+    torch.manual_seed(0)
+    g, c = RED3D(SMALL), Critic3D(CriticConfig(channels=(4, 8)))
+    opt_g, opt_c = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(c.parameters(), 1e-3)
+    step = partial(red_wgan_step, generator=g, critic=c, opt_g=opt_g, opt_c=opt_c, critic_warmup=2, n_critic=2)
+    before = [p.clone() for p in g.parameters()]
+    out0, out1 = step(pairs(), 0), step(pairs(), 1)
+    assert "mse" not in out0 and "mse" not in out1 and "gp" in out0         # critic only
+    assert all(torch.equal(a, b) for a, b in zip(before, g.parameters()))
+    assert "mse" in step(pairs(), 2) and "mse" not in step(pairs(), 3)      # then every 2nd step
+    assert not all(torch.equal(a, b) for a, b in zip(before, g.parameters()))
+    assert all(p.requires_grad for p in c.parameters())
+
+
+def test_augment_crops_and_flips_pairs_alike():
+    torch.manual_seed(0)
+    x = torch.arange(S ** 3, dtype=torch.float32).view(1, S, S, S)
+    item = {"lowdose": x, "image": x + 1, "label": x.long(), "age": torch.tensor(50.0)}
+    for _ in range(5):
+        out = augment(item, patch=4)
+        assert out["lowdose"].shape == (1, 4, 4, 4) and torch.equal(out["image"], out["lowdose"] + 1)
+        assert torch.equal(out["label"], out["lowdose"].long()) and out["age"] == 50
+    assert augment(item)["image"].shape == (1, S, S, S)
+    with pytest.raises(ValueError, match="patch"):
+        augment(item, patch=S + 1)
+
+
+# denoise(): the public helper ------------------------------------------------------------------
+
+def test_denoise_any_edge_and_flips():
+    net = trained_on_zero_head(RED3D(REDConfig(channels=(4, 8, 16))))
+    x = np.random.default_rng(0).random((9, 10, 7)).astype(np.float32)
+    y = denoise(net, x)
+    assert y.shape == x.shape and y.dtype == np.float32
+    with torch.no_grad():
+        direct = net(torch.as_tensor(np.pad(x, [(0, 3), (0, 2), (0, 1)], mode="edge"))[None, None])[0, 0, :9, :10, :7]
+    assert np.allclose(y, direct.numpy(), atol=1e-5)
+    assert denoise(net, torch.as_tensor(x, dtype=torch.float64), flips=True).shape == x.shape
+    assert np.allclose(denoise(RED3D(SMALL), x, flips=True), x, atol=1e-6)   # identity stays identity
+    two = RED3D(REDConfig(in_channels=2, out_channels=1, channels=(4, 8)))
+    assert denoise(two, np.stack([x[:8, :8, :6]] * 2)).shape == (8, 8, 6)
+
+
+@pytest.mark.parametrize("volume, match", [
+    (np.zeros((8, 8), np.float32), "2D image"),
+    (np.zeros((1, 1, 8, 8, 8), np.float32), "one volume at a time"),
+    (np.zeros((2, 8, 8, 8), np.float32), r"\(D, H, W\)"),
+    (np.zeros((8, 8, 1), np.float32), "at least 2 voxels"),
+    (np.zeros((8, 8, 8), np.int16), "dtype int16"),
+    (np.zeros((8, 8, 8), bool), "dtype bool"),
+    (torch.zeros(8, 8, 8, dtype=torch.int64), "dtype torch.int64"),
+    (np.zeros((8, 8, 8), np.complex64), "dtype complex64"),
+    (np.full((8, 8, 8), 812.0, np.float32), "trained on \\[0, 1\\]"),
+    ("brain.nii.gz", "dtype <U12"),
+])
+def test_denoise_bad_inputs(volume, match):
+    with pytest.raises(ValueError, match=match):
+        denoise(RED3D(SMALL), volume)
+
+
+def test_denoise_nan_and_bad_model():
+    x = np.zeros((8, 8, 8), np.float32)
+    x[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match=r"1 NaN or infinite values \(the first at index \(0, 1, 2, 3\)\)"):
+        denoise(RED3D(SMALL), x)
+    with pytest.raises(ValueError, match="RED3D"):
+        denoise(torch.nn.Conv3d(1, 1, 3), np.zeros((8, 8, 8), np.float32))
+    two = RED3D(REDConfig(in_channels=2, channels=(4, 8)))
+    with pytest.raises(ValueError, match=r"\(2, D, H, W\)"):
+        denoise(two, np.zeros((8, 8, 8), np.float32))
+
+
+# baselines and scores --------------------------------------------------------------------------
+
+def test_scores_known_values():
+    clean, _, mask = phantom()
+    s = bd.scores(clean + 0.1, clean, mask)
+    assert s["rmse"] == pytest.approx(0.1) and s["psnr"] == pytest.approx(20.0)
+    assert bd.scores(clean, clean, mask)["ssim"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="equal non-zero lengths"):
+        bd.mean_scores([clean], [], [mask])
+
+
+def test_classical_denoisers_help_and_choice_uses_validation():
+    clean, noisy, mask = phantom(noise=0.15)
+    noisy_psnr = bd.scores(noisy, clean, mask)["psnr"]
+    assert bd.scores(bd.gaussian_denoise(noisy, 0.8), clean, mask)["psnr"] > noisy_psnr + 1.5
+    assert np.array_equal(bd.gaussian_denoise(noisy, 0), noisy)
+    assert bd.estimate_noise_sigma(noisy) == pytest.approx(0.15, rel=0.25)
+    assert bd.scores(bd.nlm_denoise(noisy, 0.8, patch_distance=1), clean, mask)["psnr"] > noisy_psnr + 1.5
+    best, table = bd.best_gaussian([noisy], [clean], [mask], sigmas=(0.0, 0.8, 3.0))
+    assert best == {"sigma": 0.8} and list(table.columns) == ["sigma", "psnr", "ssim", "rmse"] and len(table) == 3
+    best, table = bd.best_nlm([noisy], [clean], [mask], h_factors=(0.8, 1.0), patch_distances=(1,))
+    assert set(best) == {"h_factor", "patch_distance"} and len(table) == 2
+    with pytest.raises(ValueError, match="sigma"):
+        bd.gaussian_denoise(noisy, -1)
+    with pytest.raises(ValueError, match="h_factor"):
+        bd.nlm_denoise(noisy, 0)
+    with pytest.raises(ValueError, match="x: expected a 3D"):
+        bd.gaussian_denoise(noisy[0], 1.0)
+
+
+def test_detail_scores_tell_blur_from_noise():
+    clean, _, mask = phantom()
+    blurred = ndimage.gaussian_filter(clean, 1.0)
+    textured = clean + 0.05 * np.random.default_rng(1).normal(size=clean.shape)
+    b, t = bd.detail_scores(blurred, clean, mask), bd.detail_scores(textured, clean, mask)
+    assert b["sharpness"] < 1 < t["sharpness"]               # blur removes variation, noise adds it
+    assert b["rmse_edges"] > 2 * b["rmse_flat"]              # blur errs at edges ...
+    assert t["rmse_flat"] == pytest.approx(0.05, rel=0.2)    # ... texture everywhere, flat tissue too
+    assert t["rmse_edges"] == pytest.approx(t["rmse_flat"], rel=0.3)
+    assert bd.detail_scores(clean, clean, mask)["rmse_edges"] == 0
+    with pytest.raises(ValueError, match="mask: shape"):
+        bd.detail_scores(clean, clean, mask[:-1])
+
+
+def test_added_detail_separates_true_from_invented_detail():
+    clean, _, mask = phantom()
+    base = ndimage.gaussian_filter(clean, 1.0)
+    truth = bd.added_detail(clean, base, clean, mask)        # adds exactly what base missed
+    assert truth["toward_target_edges"] == pytest.approx(1.0) and truth["added_rms_edges"] > 0
+    noise = base + 0.05 * np.random.default_rng(2).normal(size=clean.shape)
+    invented = bd.added_detail(noise, base, clean, mask)
+    assert abs(invented["toward_target_flat"]) < 0.2 and invented["added_rms_flat"] == pytest.approx(0.05, rel=0.2)
+    assert bd.added_detail(base, base, clean, mask)["toward_target_flat"] == 0.0
+    with pytest.raises(ValueError, match="selects 0 voxels"):
+        bd.added_detail(clean, base, clean, np.zeros_like(mask))
+
+
+def test_line_profile():
+    v = np.zeros((8, 8, 8))
+    v[4:] = 1.0
+    p = bd.line_profile(v, (0, 4, 4), (7, 4, 4), n=8)
+    assert np.allclose(p, [0, 0, 0, 0, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match="three voxel coordinates"):
+        bd.line_profile(v, (0, 0), (1, 1))
