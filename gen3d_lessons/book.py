@@ -752,8 +752,37 @@ def _prepare_notebook(source: Path, target: Path) -> None:
                 html = data["text/html"]
                 text = "".join(html) if isinstance(html, list) else html
                 data["text/html"] = _OFFSITE_STYLESHEET.sub("", text)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell["outputs"] = coalesce_streams(cell.get("outputs", []))
     target.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, str(target))
+
+
+def _settle_carriage_returns(text: str) -> str:
+    """What a terminal would show: on each line, only the text after its last ``\r``."""
+    lines = text.split("\n")
+    return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in lines)
+
+
+def coalesce_streams(outputs: list) -> list:
+    """Merge consecutive stdout (or stderr) outputs into one, as a terminal would show them.
+
+    A text progress bar redraws its line with ``\r`` every few seconds, and the kernel sends
+    each redraw as its own output; the page would show a box per redraw. Merged and settled,
+    each bar is one line in its final state.
+    """
+    merged: list = []
+    for output in outputs:
+        if (output.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream"
+                and merged[-1].get("name") == output.get("name")):
+            merged[-1]["text"] = merged[-1]["text"] + output["text"]
+        else:
+            merged.append(output)
+    for output in merged:
+        if output.get("output_type") == "stream":
+            output["text"] = _settle_carriage_returns(output["text"])
+    return merged
 
 
 def stage(paths: BookPaths, report: dict | None, *, log: Callable[[str], None] = print) -> Path:

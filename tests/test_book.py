@@ -359,3 +359,16 @@ def test_concurrent_requests_make_a_dataset_once(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert len(calls) == 1 and len(set(found)) == 1 and (found[0] / "dataset.json").is_file()
+
+
+def test_progress_bar_redraws_become_one_line_on_the_page():
+    """Each redraw of a text progress bar is its own output; the page shows the final line once."""
+    import nbformat
+
+    out = [nbformat.v4.new_output("stream", name="stdout", text=t) for t in ("\rfit 0%", "\rfit 50%", "\rfit 100%\n")]
+    out += [nbformat.v4.new_output("stream", name="stdout", text="fit: 10 steps\n"),
+            nbformat.v4.new_output("stream", name="stderr", text="a warning\n"),
+            nbformat.v4.new_output("stream", name="stdout", text="x\ry\n")]
+    merged = book.coalesce_streams(out)
+    assert [(o["name"], o["text"]) for o in merged] == [("stdout", "fit 100%\nfit: 10 steps\n"),
+                                                        ("stderr", "a warning\n"), ("stdout", "y\n")]
