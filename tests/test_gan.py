@@ -1,0 +1,267 @@
+"""GANs in 3D: shapes, gradients, the losses on known cases, the StyleGAN2 and CycleGAN pieces, bad input."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+
+from gen3d_lessons.models.gan import (Discriminator3D, DiscriminatorConfig, Generator3D, GeneratorConfig,
+                                      PatchCritic3D, count_parameters)
+from gen3d_lessons.models.segmentation import PatchDiscriminatorConfig
+from gen3d_lessons.models.stylegan import ModulatedConv3d, NoiseInjection, StyleGANConfig, StyleGenerator3D
+from gen3d_lessons.models.unet import UNet3D, UNetConfig
+from gen3d_lessons.training import load_model, save_model
+from gen3d_lessons.training.gan import (VolumeBatches, cycle_consistency_loss, cyclegan_step, discriminator_loss,
+                                        ema_update, gan_step, generator_loss, pix2pix_step, train_gan)
+
+S = 16  # edge of the test volumes
+
+
+def small_g(**kw):
+    return Generator3D(GeneratorConfig(z_dim=8, size=S, channels=(16, 8, 4), **kw))
+
+
+def small_d(**kw):
+    return Discriminator3D(DiscriminatorConfig(size=S, channels=(4, 8), **kw))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# Networks: shapes, conditions, bad input ---------------------------------------------------------
+
+@pytest.mark.parametrize("norm, channels", [("pixel", (16, 8, 4)), ("batch", (16, 8, 4)), ("none", (16, 8))])
+def test_generator_shapes_and_range(norm, channels):
+    g = Generator3D(GeneratorConfig(z_dim=8, size=S, channels=channels, norm=norm))   # (16, 8): 8³ -> 16³ in to_image
+    x = g(torch.randn(3, 8))
+    assert x.shape == (3, 1, S, S, S) and 0 <= x.min() and x.max() <= 1
+    assert g.sample(2).shape == (2, 1, S, S, S) and g.training          # sample() restores the mode
+    same = [g.sample(2, generator=torch.Generator().manual_seed(1)) for _ in range(2)]
+    assert torch.equal(*same)
+
+
+@pytest.mark.parametrize("mode", ["projection", "concat"])
+def test_conditional_networks_use_the_condition(mode):
+    g, d = small_g(cond_dim=2), small_d(cond_dim=2, cond_mode=mode)
+    z, x = torch.randn(2, 8), torch.rand(2, 1, S, S, S)
+    c0, c1 = torch.zeros(2, 2), torch.ones(2, 2)
+    assert not torch.allclose(g(z, c0), g(z, c1))
+    assert d(x, c0).shape == (2,) and not torch.allclose(d(x, c0), d(x, c1))
+    with pytest.raises(ValueError, match=r"c: this generator needs a condition of shape \(2, 2\)"):
+        g(z)
+    with pytest.raises(ValueError, match="NaN"):
+        d(x, torch.full((2, 2), float("nan")))
+
+
+def test_networks_refuse_bad_input():
+    g, d = small_g(), small_d()
+    with pytest.raises(ValueError, match=r"z: expected shape \(B, 8\)"):
+        g(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="takes no condition"):
+        g(torch.randn(2, 8), torch.zeros(2, 1))
+    with pytest.raises(ValueError, match=r"x: expected shape \(B, 1, 16, 16, 16\)"):
+        d(torch.rand(2, 1, S, S))                                        # 2D, not 3D
+    with pytest.raises(ValueError, match="or twice it"):
+        GeneratorConfig(size=64, channels=(8, 4))
+    with pytest.raises(ValueError, match="norm"):
+        GeneratorConfig(norm="layer")
+    with pytest.raises(ValueError, match="n: expected a positive"):
+        g.sample(0)
+
+
+def test_template_starts_the_generator_at_the_mean_volume():
+    mean = torch.rand(1, S, S, S) * 0.8 + 0.1
+    g = small_g(template=True)
+    g.set_template(mean)
+    torch.nn.init.zeros_(g.to_image[-1].weight), torch.nn.init.zeros_(g.to_image[-1].bias)
+    assert torch.allclose(g.sample(2), mean.expand(2, 1, S, S, S), atol=1e-5)      # zero convolution: the mean
+    with pytest.raises(ValueError, match="template=False"):
+        small_g().set_template(mean)
+    with pytest.raises(ValueError, match="NaN"):
+        g.set_template(mean * float("nan"))
+
+
+def test_spectral_norm_bounds_the_weights():
+    d = small_d(spectral_norm=True)
+    d(torch.rand(2, 1, S, S, S))                                         # one power iteration
+    with torch.no_grad():
+        sigma = torch.linalg.matrix_norm(d.psi.weight, ord=2).item()
+    assert sigma == pytest.approx(1.0, rel=0.05)
+
+
+def test_generator_save_load_round_trip(tmp_path):
+    g = small_g(cond_dim=1)
+    path = save_model(tmp_path / "g.pt", g, g.cfg)
+    again = load_model(path, lambda c: Generator3D(GeneratorConfig(**c)))
+    z, c = torch.randn(2, 8), torch.ones(2, 1)
+    g.eval()
+    assert torch.allclose(g(z, c), again(z, c))
+
+
+# Losses on known cases ---------------------------------------------------------------------------
+
+def test_adversarial_losses_known_values():
+    zero = torch.zeros(4)
+    # D(x) = D(G(z)) = 0 (σ = 1/2): both terms are log 2
+    assert discriminator_loss(zero, zero, "ns").item() == pytest.approx(2 * math.log(2))
+    assert generator_loss(zero, "ns").item() == pytest.approx(math.log(2))
+    # a confident, right discriminator: loss near 0; the non-saturating G loss is large, not flat
+    assert discriminator_loss(zero + 20, zero - 20, "ns").item() < 1e-6
+    assert generator_loss(zero - 20, "ns").item() == pytest.approx(20, rel=1e-3)
+    # the Wasserstein critic: E[D(fake)] − E[D(real)]
+    assert discriminator_loss(zero + 3, zero + 1, "wgan-gp").item() == pytest.approx(-2)
+    assert generator_loss(zero + 1, "wgan-gp").item() == pytest.approx(-1)
+    with pytest.raises(ValueError, match="kind"):
+        generator_loss(zero, "hinge")
+
+
+def test_nonsaturating_generator_gradient_is_strong_where_the_minimax_one_vanishes():
+    s = torch.tensor([-10.0], requires_grad=True)           # D rejects the sample confidently
+    (g_ns,) = torch.autograd.grad(generator_loss(s, "ns"), s)
+    (g_mm,) = torch.autograd.grad(-torch.nn.functional.softplus(s).sum(), s)   # log(1 − σ(s))
+    assert abs(g_ns.item()) > 0.99 and abs(g_mm.item()) < 1e-4
+
+
+def test_cycle_loss_is_zero_for_inverse_maps_and_positive_otherwise():
+    x = torch.rand(2, 1, S, S, S)
+    G, F_ = (lambda v: 2 * v + 1), (lambda v: (v - 1) / 2)  # F = G⁻¹
+    assert cycle_consistency_loss(x, F_(G(x))).item() == pytest.approx(0.0, abs=1e-7)
+    assert cycle_consistency_loss(x, G(G(x))).item() > 0.5
+    with pytest.raises(ValueError, match="does not match"):
+        cycle_consistency_loss(x, x[:, :, :8])
+
+
+# Step functions: gradients reach both networks ---------------------------------------------------
+
+def _changed(before, model):
+    return any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("loss", ["ns", "wgan-gp"])
+def test_gan_step_updates_both_networks_and_the_ema(loss):
+    g, d = small_g(cond_dim=1), small_d(cond_dim=1)
+    ema = copy.deepcopy(g)
+    og, od = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
+    g0, d0, e0 = [[p.clone() for p in m.parameters()] for m in (g, d, ema)]
+    batch = {"image": torch.rand(4, 1, S, S, S), "condition": torch.rand(4, 1)}
+    out = gan_step(g, d, og, od, batch, 0, loss=loss, ema=ema, ema_decay=0.5)
+    assert _changed(g0, g) and _changed(d0, d) and _changed(e0, ema)
+    assert {"d_loss", "g_loss", "d_real", "d_fake"} <= set(out) and (("gp" in out) == (loss == "wgan-gp"))
+    # with n_critic = 2 the generator waits for the second step
+    g1 = [p.clone() for p in g.parameters()]
+    out = gan_step(g, d, og, od, batch, 0, loss=loss, n_critic=2)
+    assert "g_loss" not in out and not _changed(g1, g)
+    with pytest.raises(ValueError, match="loss"):
+        gan_step(g, d, og, od, batch, 0, loss="lsgan")
+    with pytest.raises(ValueError, match="'image'"):
+        gan_step(g, d, og, od, {"x": batch["image"]}, 0)
+
+
+def test_ema_update_averages_parameters():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    expected = [0.25 * pa + 0.75 * pb for pa, pb in zip(a.parameters(), b.parameters())]
+    ema_update(a, b, decay=0.25)
+    assert all(torch.allclose(p, e) for p, e in zip(a.parameters(), expected))
+
+
+def test_train_gan_runs_and_probes():
+    g, d = small_g(), small_d()
+    batches = VolumeBatches(torch.rand(6, 1, S, S, S), batch_size=3)
+    final, history = train_gan(g, d, batches, loss="wgan-gp", max_steps=4, probe=lambda m: {"probe": 1.0},
+                               probe_every=2)
+    assert history.steps == 4 and history.values["probe"][1] == 1.0 and math.isnan(history.values["probe"][0])
+    assert final is not g and not final.training
+    # keep_best: the generator of the probe with the lowest value comes back
+    values, states = iter([3.0, 1.0, 2.0]), []
+
+    def probe(m):
+        states.append({k: v.clone() for k, v in m.state_dict().items()})
+        return {"fd": next(values)}
+
+    final, history = train_gan(small_g(), small_d(), batches, loss="ns", max_steps=6, probe=probe, probe_every=2,
+                               keep_best="fd")
+    assert all(torch.equal(v, states[1][k]) for k, v in final.state_dict().items())
+    assert not all(torch.equal(v, states[2][k]) for k, v in final.state_dict().items())
+    with pytest.raises(ValueError, match="keep_best"):
+        train_gan(small_g(), small_d(), batches, loss="ns", max_steps=2, keep_best="fd")
+    with pytest.raises(ValueError, match="images: expected a float tensor"):
+        VolumeBatches(torch.rand(6, S, S, S), batch_size=3)
+    with pytest.raises(ValueError, match="batch_size"):
+        VolumeBatches(torch.rand(6, 1, S, S, S), batch_size=7)
+
+
+def test_pix2pix_pieces_shapes_and_step():
+    g = UNet3D(UNetConfig(in_channels=1, out_channels=1, features=(4, 8)))
+    d = PatchCritic3D(PatchDiscriminatorConfig(in_channels=2, features=(4, 8)))
+    x, y = torch.rand(2, 1, S, S, S), torch.rand(2, 1, S, S, S)
+    assert g(x).shape == y.shape and d(x, y).shape == (2, 1, S // 4, S // 4, S // 4)
+    g0, d0 = [p.clone() for p in g.parameters()], [p.clone() for p in d.parameters()]
+    og, od = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
+    out = pix2pix_step(g, d, og, od, {"x": x, "y": y}, l1_weight=100.0)
+    assert _changed(g0, g) and _changed(d0, d) and {"d_loss", "g_adv", "l1"} <= set(out)
+    with pytest.raises(ValueError, match="3 channels in all"):
+        d(x, y, y)
+
+
+def test_cyclegan_step_trains_two_generators_and_two_discriminators():
+    nets = [UNet3D(UNetConfig(in_channels=1, out_channels=1, features=(4, 8))) for _ in range(2)]
+    critics = [PatchCritic3D(PatchDiscriminatorConfig(in_channels=1, features=(4, 8))) for _ in range(2)]
+    og = torch.optim.Adam(itertools.chain(*(n.parameters() for n in nets)), 1e-3)
+    od = torch.optim.Adam(itertools.chain(*(c.parameters() for c in critics)), 1e-3)
+    before = [[p.clone() for p in m.parameters()] for m in nets + critics]
+    out = cyclegan_step(*nets, *critics, og, od, {"x": torch.rand(2, 1, S, S, S), "y": torch.rand(2, 1, S, S, S)})
+    assert all(_changed(b, m) for b, m in zip(before, nets + critics))
+    assert out["cycle"] > 0 and {"d_loss", "g_adv"} <= set(out)
+
+
+# StyleGAN2 pieces -------------------------------------------------------------------------------
+
+def test_demodulation_keeps_unit_variance_whatever_the_style():
+    conv = ModulatedConv3d(16, 8, 3, w_dim=4)
+    x = torch.randn(3, 16, 20, 20, 20)                                   # unit-variance input
+    w = torch.randn(3, 4) * torch.tensor([[0.1], [1.0], [10.0]])         # styles of very different size
+    y = conv(x, w)[:, :, 1:-1, 1:-1, 1:-1]                               # away from the zero padding
+    var = y.var(dim=(1, 2, 3, 4))
+    assert torch.allclose(var, torch.ones(3), atol=0.08), var
+    # without demodulation the output variance follows the style
+    raw = ModulatedConv3d(16, 8, 3, w_dim=4, demodulate=False)
+    raw.load_state_dict(conv.state_dict())
+    v_raw = raw(x, w).var(dim=(1, 2, 3, 4))
+    assert v_raw.max() / v_raw.min() > 3
+
+
+def test_modulated_conv_equals_a_plain_conv_with_the_per_sample_kernel():
+    conv = ModulatedConv3d(3, 2, 3, w_dim=5, upsample=True)
+    x, w = torch.randn(2, 3, 4, 4, 4), torch.randn(2, 5)
+    y = conv(x, w)
+    assert y.shape == (2, 2, 8, 8, 8)
+    kernels = conv.modulated_weight(w)
+    up = torch.nn.functional.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+    for b in range(2):
+        assert torch.allclose(y[b:b + 1], torch.nn.functional.conv3d(up[b:b + 1], kernels[b], padding=1), atol=1e-5)
+
+
+def test_noise_injection_starts_off_and_stylegan_generates():
+    n = NoiseInjection()
+    x = torch.randn(2, 4, 4, 4, 4)
+    assert torch.equal(n(x), x)
+    g = StyleGenerator3D(StyleGANConfig(z_dim=8, w_dim=8, mapping_layers=2, size=S, channels=(16, 8, 4), cond_dim=1))
+    z, c = torch.randn(2, 8), torch.zeros(2, 1)
+    x = g(z, c)
+    assert x.shape == (2, 1, S, S, S) and 0 <= x.min() and x.max() <= 1
+    x.mean().backward()
+    assert g.mapping.net[0].weight.grad.abs().sum() > 0 and g.constant.grad.abs().sum() > 0
+    # the noise inputs change the output once their strength is non-zero
+    for block in g.blocks:
+        block.noise.strength.data.fill_(0.5)
+    with torch.no_grad():
+        assert not torch.allclose(g(z, c), g(z, c))
+    assert count_parameters(g) > 0 and g.sample(1, torch.zeros(1, 1)).shape == (1, 1, S, S, S)
+    with pytest.raises(ValueError, match=r"x: expected shape \(B, 16"):
+        g.blocks[0].conv(torch.randn(1, 3, 4, 4, 4), torch.randn(1, 8))
