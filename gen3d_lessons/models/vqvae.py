@@ -30,6 +30,7 @@ token sequences ``(B, T)``, logits ``(B, T, K)``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -253,9 +254,21 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.dropout = cfg.dropout
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """``h: (B, T, n_embd)``. With a ``cache`` (a dict, empty at the first token), ``h`` holds the
+        next token(s) only: their keys and values are appended to the cache and they attend to every
+        cached position — the keys and values of earlier tokens never change in a causal model."""
         q, k, v = self.qkv(h).chunk(3, dim=2)                                  # 3 x (B, T, n_embd)
         q, k, v = (rearrange(a, "b t (nh hs) -> b nh t hs", nh=self.n_head) for a in (q, k, v))
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, nh, t, hs)
+            cache["k"], cache["v"] = k, v
+            if q.shape[2] == 1:        # one new query sees every cached key: no mask needed
+                y = F.scaled_dot_product_attention(q, k, v)                    # (B, nh, 1, hs)
+                return self.proj(rearrange(y, "b nh t hs -> b t (nh hs)"))
+            if q.shape[2] != k.shape[2]:
+                raise ValueError("cache: several new tokens at once only for an empty cache")
         # is_causal=True is the causal mask: softmax over keys <= query position only
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
@@ -272,8 +285,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
                                  nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        h = h + self.attn(self.ln1(h))
+    def forward(self, h: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        h = h + self.attn(self.ln1(h), cache)
         return h + self.mlp(self.ln2(h))
 
 
@@ -298,6 +311,9 @@ class CodeTransformer(nn.Module):
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         if s.ndim != 2 or s.shape[1] > self.cfg.block_size:
             raise ValueError(f"s: expected codes of shape (B, T <= {self.cfg.block_size}), got {tuple(s.shape)}")
+        if torch.is_floating_point(s) or (s.numel() and (s.min() < 0 or s.max() >= self.cfg.vocab_size)):
+            raise ValueError(f"s: expected integer codes in [0, {self.cfg.vocab_size - 1}], got dtype {s.dtype}"
+                             + (f" and range [{int(s.min())}, {int(s.max())}]" if s.numel() else ""))
         # 1. shift right: the input at t is the code at t - 1 (the start token at t = 0)
         B, T = s.shape
         start = torch.full((B, 1), self.bos, dtype=torch.long, device=s.device)
@@ -320,13 +336,36 @@ class CodeTransformer(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
-        """n code sequences (n, T), one token at a time (T forward passes)."""
+        """n code sequences (n, T), one token at a time (T steps).
+
+        Each step runs the network on the newest token only, with the keys and values of the
+        earlier tokens kept in a cache per block (a "KV cache"): the same conditionals as
+        ``forward`` on the whole prefix, at a fraction of the cost.
+        """
+        if not (isinstance(n, int) and n >= 1) or not temperature > 0:
+            raise ValueError(f"n: expected a positive integer and temperature > 0, got n={n!r}, "
+                             f"temperature={temperature!r}")
+        self.eval()
         device = self.pos.device
         s = torch.zeros(n, self.cfg.block_size, dtype=torch.long, device=device)
+        caches: list[dict] = [{} for _ in self.blocks]
+        token = torch.full((n,), self.bos, dtype=torch.long, device=device)         # input at t = 0
         for t in range(self.cfg.block_size):
-            p = (self.forward(s[:, : t + 1])[:, t] / temperature).softmax(dim=-1)   # (n, K)
+            h = self.tok(token)[:, None] + self.pos[:, t:t + 1]                       # (n, 1, n_embd)
+            for block, cache in zip(self.blocks, caches):
+                h = block(h, cache)
+            logits = self.head(self.ln_f(h))[:, 0]                                    # (n, K)
+            p = (logits / temperature).softmax(dim=-1)
             s[:, t] = torch.multinomial(p.cpu(), 1, generator=generator).squeeze(1).to(device)
+            token = s[:, t]
         return s
+
+    @torch.no_grad()
+    def nll_bits(self, s: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood of each code sequence (B, T), in bits per code: (B,)."""
+        logits = self.forward(s)                                                      # (B, T, K)
+        nll = F.cross_entropy(rearrange(logits, "b t k -> b k t"), s, reduction="none")   # (B, T) nats
+        return nll.mean(1) / math.log(2)
 
 
 __all__ = ["VQVAEConfig", "VQVAE3D", "VectorQuantizerEMA", "TransformerConfig", "CodeTransformer", "CausalSelfAttention", "Block",
