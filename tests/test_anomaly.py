@@ -1,0 +1,275 @@
+"""Anomaly detection (chapter 12): registration helpers, the three detectors, score() and the metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gen3d_lessons import spatial
+from gen3d_lessons.anomaly import (ResidualDetector, StandardisedDetector, VQTransformerDetector, ZScoreAtlas,
+                                   age_site_condition,
+                                   best_dice, evaluate, invert_displacement, phantom_cohort, score,
+                                   signed_residual, to_subject, to_template, volume_scores, voxel_metrics)
+from gen3d_lessons.models.vae import VAE3D, VAEConfig
+from gen3d_lessons.models.vqvae import CodeTransformer, TransformerConfig, VQVAE3D, VQVAEConfig, to_sequence
+
+N = 16   # edge of the test volumes
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return phantom_cohort(3, 2, size=N, seed=5, lesion_radius_mm=(10.0, 16.0), progress=False)
+
+
+@pytest.fixture(scope="module")
+def atlas(cohort):
+    return ZScoreAtlas.fit(to_template(cohort.image[:3], cohort.displacement[:3]))
+
+
+def smooth_field(seed: int = 0, amplitude: float = 0.8) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return spatial.smooth_random_field((1, 3, N, N, N), sigma_vox=4.0, amplitude=amplitude, generator=g)
+
+
+# 1. Data and registration ---------------------------------------------------------------------------
+
+def test_phantom_cohort_shapes_and_order(cohort):
+    assert cohort.image.shape == (5, 1, N, N, N) and cohort.image.dtype == torch.float32
+    assert cohort.label.shape == (5, N, N, N) and cohort.displacement.shape == (5, 3, N, N, N)
+    assert cohort.has_lesion.tolist() == [False, False, False, True, True]
+    assert not cohort.lesion[:3].any() and all(cohort.lesion[i].any() for i in (3, 4))
+    assert (cohort.lesion <= cohort.brain).all() and cohort.spacing_mm > 5
+    two = phantom_cohort(1, size=N, seed=5, channels=("T1", "FLAIR"), progress=False)
+    assert two.image.shape == (1, 2, N, N, N)
+    assert torch.equal(two.image[:, 1:], cohort.image[:1])                   # same seed, same subject
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(n_healthy=-1), "n_healthy"), (dict(n_healthy=0), "at least one"),
+                                           (dict(n_healthy=1, channels=("DWI",)), "channels")])
+def test_phantom_cohort_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        phantom_cohort(size=N, progress=False, **kwargs)
+
+
+def test_age_site_condition():
+    c = age_site_condition([{"age": 50.0, "site": 2}, {"age": 20.0, "site": 0}])
+    assert torch.allclose(c, torch.tensor([[0.5, 0, 0, 1], [0.2, 1, 0, 0]]))
+    with pytest.raises(ValueError, match="site 3"):
+        age_site_condition([{"age": 50.0, "site": 3}])
+
+
+def test_inverse_displacement_undoes_the_map():
+    u = smooth_field()
+    v = invert_displacement(u)
+    residual = v + spatial.warp(u, v, padding_mode="border")                 # phi_u(phi_v(y)) - y
+    inner = (slice(None), slice(None), *(slice(3, -3),) * 3)
+    assert residual[inner].abs().max() < 0.01 < 1 < u.abs().max()
+
+
+def test_to_template_and_back_is_close_to_identity():
+    u = smooth_field(1)
+    x = spatial.gaussian_blur(torch.rand(1, 1, N, N, N, generator=torch.Generator().manual_seed(0)), 2.0)
+    back = to_subject(to_template(x, u), u)
+    inner = (slice(None), slice(None), *(slice(3, -3),) * 3)
+    assert (back - x)[inner].abs().max() < 0.02
+    assert to_subject(x, torch.zeros(3, 3, N, N, N)).shape == (3, 1, N, N, N)   # a template broadcasts
+
+
+def test_signed_residual_polarities():
+    x, e = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5])
+    assert signed_residual(x, e).tolist() == [0.5, -0.5]
+    assert signed_residual(x, e, "dark").tolist() == [-0.5, 0.5]
+    assert signed_residual(x, e, "both").tolist() == [0.5, 0.5]
+    with pytest.raises(ValueError, match="polarity"):
+        signed_residual(x, e, "up")
+
+
+# 2. The atlas baseline -----------------------------------------------------------------------------
+
+def test_zscore_atlas_flags_a_bright_spot():
+    g = torch.Generator().manual_seed(0)
+    healthy = 0.5 + 0.05 * torch.randn(20, 1, 8, 8, 8, generator=g)
+    atlas = ZScoreAtlas.fit(healthy, registered=False)
+    assert torch.allclose(atlas.mean, healthy.mean(0, keepdim=True)) and atlas.needs == ()
+    x = healthy[:1].clone()
+    x[0, 0, 4, 4, 4] += 1.0
+    z = score(atlas, x[0])                                                   # one volume in, one map out
+    assert z.shape == (1, 8, 8, 8)
+    assert z.flatten().argmax() == np.ravel_multi_index((4, 4, 4), (8, 8, 8)) and z.max() > 10
+
+
+def test_zscore_atlas_fit_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least 2"):
+        ZScoreAtlas.fit(torch.rand(1, 1, 8, 8, 8))
+    with pytest.raises(ValueError, match="channel"):
+        ZScoreAtlas.fit(torch.rand(3, 1, 8, 8, 8), channel=1)
+    with pytest.raises(ValueError, match="NaN"):
+        ZScoreAtlas.fit(torch.full((3, 1, 8, 8, 8), float("nan")))
+
+
+def test_registered_atlas_scores_in_subject_space(cohort, atlas):
+    z = score(atlas, cohort.image, displacement=cohort.displacement)
+    assert z.shape == (5, 1, N, N, N) and torch.isfinite(z).all()
+    metrics = evaluate(z[:, 0], cohort.lesion, cohort.brain)
+    assert metrics["auroc"] > 0.8                                            # lesions are bright on FLAIR
+
+
+# 3. The generative detectors ------------------------------------------------------------------------
+
+def tiny_cvae(cond_dim: int = 4) -> VAE3D:
+    torch.manual_seed(0)
+    return VAE3D(VAEConfig(size=N, channels=(8, 16), latent_dim=8, cond_dim=cond_dim))
+
+
+def test_residual_detector_registered_cvae(cohort):
+    detector = ResidualDetector(tiny_cvae())
+    assert set(detector.needs) == {"condition", "displacement"}
+    c = age_site_condition(cohort.attributes)
+    a = score(detector, cohort.image, condition=c, displacement=cohort.displacement)
+    x_hat = detector.reconstruct(cohort.image, c, cohort.displacement)
+    assert a.shape == (5, 1, N, N, N) and torch.allclose(a, cohort.image - x_hat, atol=1e-5)
+    single = score(detector, cohort.image[0], condition=c[0], displacement=cohort.displacement[0])
+    assert torch.allclose(single, a[0], atol=1e-5)
+
+
+def test_residual_detector_unregistered_vae_needs_nothing(cohort):
+    detector = ResidualDetector(tiny_cvae(cond_dim=0), registered=False, polarity="both")
+    a = score(detector, cohort.image.numpy())                                # numpy works too
+    assert detector.needs == () and a.shape == (5, 1, N, N, N) and (a >= 0).all()
+
+
+def tiny_vq(codes: int = 8) -> tuple[VQVAE3D, CodeTransformer]:
+    torch.manual_seed(0)
+    vq = VQVAE3D(VQVAEConfig(channels=(8, 8), num_embeddings=codes, embedding_dim=4))
+    tf = CodeTransformer(TransformerConfig(vocab_size=codes, block_size=(N // 4) ** 3, n_layer=1, n_head=2, n_embd=16))
+    return vq.eval(), tf.eval()
+
+
+def test_healing_replaces_unlikely_codes_in_raster_order():
+    vq, tf = tiny_vq()
+    codes = torch.randint(0, 8, (2, 4, 4, 4), generator=torch.Generator().manual_seed(0))
+    same, none = VQTransformerDetector(vq, tf, threshold=0.0).heal(codes)
+    assert torch.equal(same, codes) and not none.any()
+    # every code is "unlikely" below a threshold above 1: the first three positions are resampled
+    healed, resampled = VQTransformerDetector(vq, tf, threshold=1.1, max_resampled=3).heal(codes)
+    s, r = to_sequence(healed), to_sequence(resampled)
+    assert r[:, :3].all() and not r[:, 3:].any()
+    assert torch.equal(s[:, 3:], to_sequence(codes)[:, 3:])
+    # each replacement is the transformer's most likely code given the healed prefix
+    assert torch.equal(s[:, :3], tf(s)[:, :3].argmax(-1))
+
+
+def test_vq_detector_maps_and_mask(cohort):
+    vq, tf = tiny_vq()
+    detector = VQTransformerDetector(vq, tf, threshold=1.1, max_resampled=2, mask_floor=0.5)
+    x_healed, m = detector.reconstruct(cohort.image, cohort.displacement)
+    assert x_healed.shape == cohort.image.shape and m.shape == (5, 1, N, N, N)
+    assert 0 <= m.min() and m.max() <= 1 and m.max() > 0
+    a = score(detector, cohort.image, displacement=cohort.displacement)
+    assert torch.allclose(a, (cohort.image - x_healed) * (0.5 + m), atol=1e-5)
+
+
+def test_standardised_detector_is_a_zscore_of_healthy_maps(cohort):
+    base = ResidualDetector(tiny_cvae(cond_dim=0))
+    std = StandardisedDetector.fit(base, cohort.image[:3], displacement=cohort.displacement[:3])
+    assert std.needs == ("displacement",) and std.mean.shape == (1, 1, N, N, N) and (std.std >= 0).all()
+    a = score(std, cohort.image, displacement=cohort.displacement)
+    raw = score(base, cohort.image, displacement=cohort.displacement)
+    mean, sd = to_subject(std.mean, cohort.displacement), to_subject(std.std, cohort.displacement)
+    assert torch.allclose(a, (raw - mean) / (sd + std.eps), atol=1e-4)
+    cvae = StandardisedDetector.fit(ResidualDetector(tiny_cvae()), cohort.image[:3], displacement=cohort.displacement[:3],
+                                    condition=age_site_condition(cohort.attributes[:3]))
+    assert set(cvae.needs) == {"condition", "displacement"}
+    with pytest.raises(ValueError, match="takes 4 values"):
+        score(cvae, cohort.image[:1], condition=torch.zeros(1, 2), displacement=cohort.displacement[:1])
+    with pytest.raises(ValueError, match="at least 2"):
+        StandardisedDetector.fit(base, cohort.image[:1], displacement=cohort.displacement[:1])
+
+
+# 4. score(): bad input gives clear errors ---------------------------------------------------------
+
+@pytest.mark.parametrize("make_image, match", [
+    (lambda x: x[0, 0, :, :, 0], r"a 2D image\?"),                         # a 2D slice
+    (lambda x: x[0, 0], r"without its channel axis"),                       # 3D without channels
+    (lambda x: x.index_fill(2, torch.tensor([3]), float("nan")), "NaN"),
+    (lambda x: torch.cat([x, x], 1), r"expected 1 channel"),
+    (lambda x: x.permute(0, 2, 3, 4, 1), r"channel"),                      # channels last
+    (lambda x: x[:, :, :8, :8, :8], r"built for volumes of \(16, 16, 16\)"),
+    (lambda x: x.numpy().astype(bool), "dtype bool"),
+    (lambda x: x.tolist(), "expected an array or tensor"),
+])
+def test_score_rejects_bad_images(cohort, atlas, make_image, match):
+    with pytest.raises(ValueError, match=match):
+        score(atlas, make_image(cohort.image[:2].clone()), displacement=cohort.displacement[:2])
+
+
+def test_score_rejects_bad_context(cohort, atlas):
+    x, u = cohort.image[:2], cohort.displacement[:2]
+    with pytest.raises(ValueError, match="needs a displacement"):
+        score(atlas, x)
+    with pytest.raises(ValueError, match="1 given for 2"):
+        score(atlas, x, displacement=u[:1])
+    with pytest.raises(ValueError, match=r"displacement: expected shape \(3, 16, 16, 16\)"):
+        score(atlas, x, displacement=u[:, :2])
+    with pytest.raises(ValueError, match="NaN"):
+        score(atlas, x, displacement=torch.full_like(u, float("nan")))
+    cvae = ResidualDetector(tiny_cvae())
+    with pytest.raises(ValueError, match="needs a condition"):
+        score(cvae, x, displacement=u)
+    with pytest.raises(ValueError, match="takes 4 values"):
+        score(cvae, x, condition=torch.zeros(2, 3), displacement=u)
+    with pytest.raises(TypeError, match="detector"):
+        score(lambda x: x, x)
+
+
+# 5. Metrics ---------------------------------------------------------------------------------------
+
+def lesion_case():
+    lesion = np.zeros((2, 8, 8, 8), dtype=bool)
+    lesion[0, 2:4, 2:4, 2:4] = True
+    brain = np.zeros_like(lesion)
+    brain[:, 1:7, 1:7, 1:7] = True
+    return lesion, brain
+
+
+def test_metrics_of_perfect_inverted_and_random_maps():
+    lesion, brain = lesion_case()
+    perfect = voxel_metrics(lesion.astype(float), lesion, brain)
+    assert perfect["auroc"] == 1 and perfect["auprc"] == 1 and perfect["best_dice"] == 1
+    assert voxel_metrics(-lesion.astype(float), lesion, brain)["auroc"] == 0
+    noise = np.random.default_rng(0).random(lesion.shape)
+    random = voxel_metrics(noise, lesion, brain)
+    assert abs(random["auroc"] - 0.5) < 0.15 and random["auprc"] < 0.2
+    assert random["lesion_fraction"] == pytest.approx(8 / (2 * 216))
+
+
+def test_best_dice_known_case():
+    truth = np.array([1, 1, 0, 0, 0], dtype=bool)
+    dice, t = best_dice(np.array([0.9, 0.2, 0.8, 0.1, 0.0]), truth)
+    # thresholds: >= 0.9 -> P 1, R .5, Dice 2/3; >= 0.8 -> P .5, R .5, Dice .5; >= 0.2 -> P 2/3, R 1, Dice .8
+    assert dice == pytest.approx(0.8) and t == pytest.approx(0.2)
+
+
+def test_volume_level_auroc():
+    lesion, brain = lesion_case()
+    maps = np.zeros(lesion.shape)
+    maps[0, 3, 3, 3] = 5.0                                                   # the lesioned volume scores higher
+    assert volume_scores(maps, brain, top=0.01).tolist()[1] == 0
+    assert evaluate(maps, lesion, brain)["volume_auroc"] == 1
+    assert np.isnan(evaluate(maps, lesion, brain, has_lesion=[True, True])["volume_auroc"])
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(maps=np.zeros((2, 8, 8))), "one shape"),
+    (dict(lesions=np.full((2, 8, 8, 8), 2)), "binary mask"),
+    (dict(maps=np.full((2, 8, 8, 8), np.nan)), "NaN"),
+    (dict(brains=np.zeros((2, 8, 8, 8))), "select no voxel"),
+    (dict(lesions=np.zeros((2, 8, 8, 8))), "both lesion and healthy"),
+    (dict(has_lesion=[True]), "has_lesion"),
+])
+def test_evaluate_rejects_bad_input(change, match):
+    lesion, brain = lesion_case()
+    args = dict(maps=np.zeros(lesion.shape), lesions=lesion, brains=brain) | change
+    with pytest.raises(ValueError, match=match):
+        evaluate(**args)
