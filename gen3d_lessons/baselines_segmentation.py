@@ -144,11 +144,14 @@ def atlas_segmentation(atlas_image: Any, atlas_probabilities: Any, subject_image
 def heart_intensity_segmentation(image: Any, spacing: Any, wall_mm: float = 9.0, seed: int = 0) -> np.ndarray:
     """A classical short-axis segmentation: 1 RV, 2 MYO, 3 LV from intensities and simple geometry.
 
-    1. k-means (k = 3) on the intensities of the central region: the brightest class is blood;
-    2. the two largest bright 3D components (after a small opening that cuts thin bridges) are
-       the ventricles' blood pools; in this book's phantoms (and on a standard short-axis view)
-       the RV lies towards -x of the LV, so the one with the larger mean x is the LV;
-    3. the myocardium is every non-bright voxel within ``wall_mm`` of the LV pool.
+    1. k-means (k = 3) on the intensities of the central region, where the heart is: the brightest
+       class is blood, the darkest is mostly myocardium (air and lung are darker still);
+    2. blood pools: bright voxels, opened in-plane to cut thin bridges (partial volumes across the
+       septum), split into 3D components; the two largest that reach the central region are the
+       ventricles. In this book's phantoms (and on a standard short-axis view) the RV lies towards
+       -x of the LV, so the pool with the larger mean x is the LV;
+    3. the myocardium is every voxel within ``wall_mm`` of the LV pool that is neither blood nor
+       air / lung (below half the darkest class).
     """
     from sklearn.cluster import KMeans
 
@@ -165,16 +168,25 @@ def heart_intensity_segmentation(image: Any, spacing: Any, wall_mm: float = 9.0,
     km = KMeans(n_clusters=3, n_init=3, random_state=seed).fit(sample[:, None])
     centres = np.sort(km.cluster_centers_[:, 0])
     bright = x > 0.5 * (centres[1] + centres[2])                 # above the mid-point of the top two
-    # 2. blood pools: open, then keep the two largest components that touch the central region
-    bright = ndimage.binary_opening(bright, ndimage.generate_binary_structure(3, 1))
-    pieces, n = ndimage.label(bright)
+    air = x < 0.5 * centres[0]
+    # 2. blood pools: erode in-plane (slices are thick) until thin bridges across the septum break,
+    #    keep the two largest pieces that reach the centre, then grow them back over the bright voxels
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+    cores = ndimage.binary_erosion(bright, in_plane, iterations=2)
+    pieces, n = ndimage.label(cores)
     out = np.zeros(x.shape, dtype=np.int64)
     if n == 0:
         return out
-    sizes = ndimage.sum(bright, pieces, range(1, n + 1))
+    sizes = ndimage.sum(cores, pieces, range(1, n + 1))
     central = set(np.unique(pieces[centre]).tolist()) - {0}
     ranked = [k + 1 for k in np.argsort(sizes)[::-1] if k + 1 in central][:2]
-    pools = [pieces == k for k in ranked]
+    if not ranked:
+        return out
+    markers = np.where(np.isin(pieces, ranked), pieces, 0)
+    dist, (i, j, k) = ndimage.distance_transform_edt(markers == 0, return_indices=True)
+    grown = np.where(bright & (dist <= 3), markers[i, j, k], 0)         # nearest core, 3 voxels at most
+    pools = [grown == k for k in ranked]
     if len(pools) == 2:
         mean_x = [np.argwhere(p)[:, 0].mean() for p in pools]
         lv, rv = (pools[0], pools[1]) if mean_x[0] > mean_x[1] else (pools[1], pools[0])
@@ -182,8 +194,8 @@ def heart_intensity_segmentation(image: Any, spacing: Any, wall_mm: float = 9.0,
     else:
         lv = pools[0]
     out[lv] = 3
-    # 3. myocardium: dark-ish voxels within wall_mm of the LV pool (distance in mm, anisotropic voxels)
+    # 3. myocardium: not blood, not air, within wall_mm of the LV pool (distances in mm: thick slices)
     dist_mm = ndimage.distance_transform_edt(~lv, sampling=sp)
-    ring = (dist_mm > 0) & (dist_mm <= wall_mm) & (out == 0) & (x > centres[0]) & ~bright
+    ring = (dist_mm > 0) & (dist_mm <= wall_mm) & (out == 0) & ~bright & ~air
     out[ring] = 2
     return out

@@ -17,10 +17,14 @@ from gen3d_lessons.data.errors import DataError
 from gen3d_lessons.models.segmentation import (PatchDiscriminator3D, PatchDiscriminatorConfig, VAERegConfig,
                                                VAERegUNet)
 from gen3d_lessons.models.unet import UNet3D, UNetConfig, pad_to_multiple
+from gen3d_lessons.data.datasets import read_dataset
+from gen3d_lessons.metrics import hd95
 from gen3d_lessons.segment import (SegmenterConfig, SynthConfig, load_segmenter, model_grid, normalize_intensity,
-                                   predict, save_segmenter, synthesize)
+                                   predict, predict_labels, save_segmenter, score_segmentation, synthesize,
+                                   train_brain_segmenter, unseen_conditions)
 from gen3d_lessons.training import fit
-from gen3d_lessons.training.segmentation import CropBatches, random_flip, seg_step, vaereg_step, vox2vox_step
+from gen3d_lessons.training.segmentation import (CropBatches, one_cycle, random_flip, seg_step, stack_cases,
+                                                 stack_cine_phases, vaereg_step, vox2vox_step)
 
 SMALL = UNetConfig(in_channels=1, out_channels=3, features=(4, 8, 16))
 
@@ -92,6 +96,49 @@ def test_crop_batches_are_seeded_and_shaped():
         CropBatches(images, labels, crop=32)
     flipped = random_flip({"image": images, "label": labels}, torch.Generator().manual_seed(0))
     assert flipped["image"].shape == images.shape and not torch.equal(flipped["image"], images)
+
+
+def test_crop_batches_oversample_a_rare_class():
+    images, labels = blobs(4, size=16)
+    labels[1:, 0][labels[1:, 0] == 2] = 1            # the ball (label 2) is left in one volume only ...
+    labels[0, 0][labels[0, 0] == 2] = 1
+    labels[0, 0, 7:9, 7:9, 7:9] = 2                  # ... and there it is 8 voxels of 4096 x 4
+    batch = next(iter(CropBatches(images, labels, crop=6, batch_size=200, foreground=1.0, seed=0)))
+    has_rare = (batch["label"] == 2).flatten(1).any(1).float().mean().item()
+    assert has_rare > 0.35                           # a class drawn uniformly of two: about half the crops
+    with pytest.raises(ValueError, match="foreground"):
+        CropBatches(images, labels, crop=6, foreground=1.5)
+
+
+def test_one_cycle_rises_then_falls():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = one_cycle(opt, 20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < 0.01 and max(lrs) == pytest.approx(0.1, rel=1e-3) and lrs[-1] < 0.01
+    assert 1 <= int(np.argmax(lrs)) <= 2             # the peak after about 10 % of the steps
+
+
+def test_stack_cases_and_cine_phases(brain_msd, heart_msd):
+    brains = read_dataset(brain_msd)
+    images, labels = stack_cases(brains.split("train"))
+    assert images.shape == (3, 4, 12, 12, 12) and images.dtype == torch.float32
+    assert labels.shape == (3, 1, 12, 12, 12) and labels.dtype == torch.int64
+    t1, _ = stack_cases(brains.split("train"), channels=[0])
+    assert torch.equal(t1[:, 0], images[:, 0])
+    hearts = read_dataset(heart_msd)
+    frames, frame_labels, phases = stack_cine_phases(hearts.split("train"), z=slice(2, 10))
+    assert frames.shape == (4, 1, 12, 12, 8) and frame_labels.shape == (4, 1, 12, 12, 8)
+    assert phases == ["ED", "ES", "ED", "ES"]
+    record = hearts.split("train")[0]
+    cine = nib.load(record.files["image"]).get_fdata()
+    assert np.allclose(frames[1, 0].numpy(), cine[..., 2:10, 3], atol=1e-5)      # es_frame = 3
+    assert np.array_equal(frame_labels[1, 0].numpy(), nib.load(record.files["es"]).get_fdata()[..., 2:10])
+    with pytest.raises(ValueError, match="no cases"):
+        stack_cases([])
 
 
 def _dice_of(model, images, labels):
@@ -260,3 +307,71 @@ def test_predict_clear_errors(tmp_path, saved_identity_segmenter):
         predict(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), model_path=saved_identity_segmenter)
     with pytest.raises(TypeError, match="path to a NIfTI"):
         predict(np.zeros((8, 8, 8)), model_path=saved_identity_segmenter)
+
+
+# inference, scores, robustness, training the T1 segmenter --------------------------------------------
+
+def test_predict_labels_and_scores():
+    images, labels = blobs(2, size=16)
+    net = UNet3D(SMALL).eval()
+    pred = predict_labels(net, images)
+    assert pred.shape == (2, 16, 16, 16) and pred.dtype == torch.int64
+    y = labels[0, 0].numpy()
+    rows = score_segmentation(y, y, {"box": 1, "ball": 2}, spacing=2.0)
+    assert [r["class"] for r in rows] == ["box", "ball"] and all(r["Dice"] == 1 and r["HD95"] == 0 for r in rows)
+    shifted = np.roll(y, 2, axis=0)
+    cut = score_segmentation(shifted, y, {"ball": 2}, spacing=2.0)[0]          # scored inside a box
+    assert cut["HD95"] == pytest.approx(hd95(shifted, y, labels=[2], spacing=2.0)[2])  # the same as on the full grid
+    with pytest.raises(ValueError, match="does not match"):
+        score_segmentation(y, y[:-1], {"ball": 2})
+    with pytest.raises(DataError, match="5D"):
+        predict_labels(net, images[0])
+
+
+def test_synthesize_keeps_an_intensity_order():
+    _, labels = blobs(6, size=16)
+    quiet = SynthConfig(order=(1, 2), std_max=0, clutter_prob=0, blur_max_vox=0, thick_slice_prob=0, bias_max=0,
+                        noise_max=0, max_rotation_deg=0, max_scale=0, fov_crop_prob=0)
+    image, lab = synthesize(labels, torch.Generator().manual_seed(3), quiet, n_labels=3)
+    for b in range(6):
+        assert image[b][lab[b] == 1].mean() < image[b][lab[b] == 2].mean()
+
+
+def test_unseen_conditions():
+    t1 = torch.rand(2, 1, 16, 16, 12)
+    out = unseen_conditions(t1, lowdose=t1 * 0.9, generator=torch.Generator().manual_seed(0))
+    assert list(out) == ["clean", "low-dose", "thick slices", "bias field", "contrast x²"]
+    assert all(v.shape == t1.shape for v in out.values())
+    assert torch.equal(out["clean"], t1) and not torch.equal(out["bias field"], t1)
+    with pytest.raises(ValueError, match="differs"):
+        unseen_conditions(t1, lowdose=t1[:1])
+
+
+def test_train_brain_segmenter_from_scratch_and_from_a_start():
+    images, labels = blobs(3, size=16)
+    small = UNetConfig(in_channels=1, out_channels=4, features=(4, 8))
+    model, cfg, h = train_brain_segmenter(images, labels, 3.0, unet=small, crop=8, batch_size=2, max_steps=3,
+                                          synth=SynthConfig(), p_synthetic=0.5)
+    assert h.steps == 3 and cfg.spacing_mm == 3.0 and not model.training
+    again, _, _ = train_brain_segmenter(images, labels, 3.0, init=model, crop=8, batch_size=2, max_steps=2)
+    assert again is not model and any(not torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    with pytest.raises(ValueError, match="classes"):
+        train_brain_segmenter(images, labels + 2, 3.0, unet=small, max_steps=1)
+    with pytest.raises(ValueError, match="channels"):
+        train_brain_segmenter(images.repeat(1, 2, 1, 1, 1), labels, 3.0, unet=small, max_steps=1)
+
+
+def test_predict_refuses_a_multichannel_model_and_a_corrupt_file(tmp_path):
+    cfg = SegmenterConfig(unet=UNetConfig(in_channels=2, out_channels=4, features=(4, 8)))
+    path = save_segmenter(UNet3D(cfg.unet), cfg, tmp_path / "two.pt")
+    volume = nib.Nifti1Image(np.random.rand(8, 8, 8).astype(np.float32), np.eye(4))
+    with pytest.raises(ValueError, match="2 channels"):
+        predict(volume, model_path=path)
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a nifti file at all")
+    with pytest.raises(DataError, match="broken.nii.gz"):
+        predict(bad, model_path=path)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="corrupt"):
+        predict(volume, model_path=corrupt)

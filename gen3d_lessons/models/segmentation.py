@@ -91,6 +91,11 @@ class VAERegConfig:
             raise ValueError("VAERegConfig: latent_dim and squeeze_channels must be >= 1")
 
     @property
+    def divisor(self) -> int:
+        """Input sides must be multiples of this (the U-Net's)."""
+        return self.unet.divisor
+
+    @property
     def bottleneck_shape(self) -> tuple[int, int, int]:
         return tuple(s // self.unet.divisor for s in self.crop)
 

@@ -31,12 +31,19 @@ from torch import nn
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Everything that builds a :class:`UNet3D` (saved with its weights)."""
+    """Everything that builds a :class:`UNet3D` (saved with its weights).
+
+    ``norm``: instance normalisation (the default) computes its statistics over the input it is
+    given, which suits a network that sees whole volumes in training and at test time. A network
+    trained on small crops and then run on whole volumes needs ``norm="batch"``: a crop inside the
+    brain has other statistics than a volume that is mostly background, and batch normalisation
+    keeps running averages from training and uses those at test time (chapter 10).
+    """
 
     in_channels: int = 1                      # image channels, e.g. 2 for (T1, FLAIR)
     out_channels: int = 4                     # classes, background included
     features: tuple[int, ...] = (8, 16, 32, 64)   # channels per level, top to bottom (the last is the bottleneck)
-    norm: str = "instance"                    # "instance" | "batch" | "none"
+    norm: str = "instance"                    # "instance" | "batch" | "none" (see above)
     dropout: float = 0.0                      # dropout in the bottleneck block
 
     def __post_init__(self):
