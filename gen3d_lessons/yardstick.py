@@ -19,9 +19,17 @@ column                question                                                  
 
 "Encoder" is the feature space of a small 3D network (:class:`~gen3d_lessons.models.encoder.Encoder3D`)
 trained here, once, on the phantoms' training split to predict age, site, lesions and tissue
-volumes, then frozen and cached with the version of the data it saw
+volumes (with the augmentations and weight decay of :data:`RECIPE`, without which it memorises
+the ~50 training brains), then frozen and cached with the version of the data it saw
 (:func:`load_or_train_encoder`). FD and KID computed in it are "FD / KID in our encoder": they
 rank models on this cohort; they are not comparable with FID numbers from 2D papers.
+
+Every chapter gets the same encoder: call ``load_or_train_encoder(ensure_dataset("brain"),
+size=run.size)`` with the other arguments left at their defaults. The step cap ends its
+training (about 15–25 s on one CPU core at 32³), the clock only guards against a stuck
+machine, and a file lock makes two chapters that miss the cache at once train it once.
+:func:`memorisation_passed` is the pass/fail rule of the memorisation columns, and
+:func:`fd_probe` follows FD while a generator trains.
 
 The reference rows (:func:`reference_rows`) say what the numbers mean on this cohort:
 
@@ -38,6 +46,7 @@ Shapes: volumes ``(N, C, D, H, W)`` (tensors or arrays, in the dataset's intensi
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -61,7 +70,8 @@ from .training import fit, load_model, save_model
 
 __all__ = ["frechet_distance", "kid", "mmd", "one_nn_accuracy", "ms_ssim", "ms_ssim_diversity", "memorisation",
            "data_version", "load_volumes", "encoder_step", "YardstickEncoder", "load_or_train_encoder",
-           "evaluate_samples", "mean_noise_baseline", "reference_rows", "table"]
+           "evaluate_samples", "mean_noise_baseline", "reference_rows", "table", "memorisation_passed", "fd_probe",
+           "RECIPE", "ENCODER_STEPS"]
 
 
 # 1. Distances between two sets of features (N, F) and (M, F) ---------------------------------
@@ -223,23 +233,32 @@ def ms_ssim_diversity(volumes: Any, data_range: float, max_pairs: int = 100, see
 
 
 def memorisation(samples: Any, train: Any, heldout: Any) -> dict[str, float]:
-    """Are samples closer to the training set than new real volumes are? (voxel space)
+    """Are samples closer to the training set than to new real volumes? (voxel space)
 
-    For every sample, its distance to the nearest training volume, ``d_s``; for every held-out
-    real volume, the same, ``d_h``. Distances are RMS differences over voxels divided by the
-    standard deviation of the training voxels (so 0 is an exact copy and about 1.4 two unrelated
-    images of the same contrast). Returns:
+    For every sample ``s``: ``a(s)``, its distance to the nearest training volume, and ``b(s)``,
+    its distance to the nearest held-out real volume; ``q(s) = a(s) / b(s)``. A copy of a
+    training volume has ``q = 0``. A new brain, however good or bad, is about as near the
+    training set as it is near other new brains. The same ``q`` for every held-out real volume
+    (with ``b`` its distance to the nearest *other* held-out volume; a sample identical to a
+    held-out volume is treated the same way) calibrates what "as near" means with these set
+    sizes. Distances are RMS differences over voxels divided by the standard deviation of the
+    training voxels (0: an exact copy; about 1.4: two unrelated images of the same contrast).
+    Returns:
 
-    - ``mem_ratio = median(d_s) / median(d_h)``: about 1 for a generator that is as far from its
-      training data as new brains are, well below 1 for one that reproduces training volumes
-      (0 for copies). Above 1: samples are farther from anything real.
-    - ``mem_frac``: the fraction of samples with ``d_s < min(d_h)``, closer to a training volume
-      than any held-out real volume is (0 for held-out reals themselves, 1 for copies).
-    - ``mem_median``: ``median(d_s)``, and ``mem_median_heldout``: ``median(d_h)``.
+    - ``mem_ratio = median q(samples) / median q(held-out)``: about 1 when samples are no nearer
+      the training set than new brains are, well below 1 for a generator that reproduces training
+      volumes, 0 for copies.
+    - ``mem_frac``: the fraction of samples that look copied, with ``q`` below half the median
+      ``q`` of the held-out volumes: at least twice as near a training volume, relative to other
+      new brains, as a typical new brain is (about 0 for held-out volumes, 1 for copies).
+    - ``mem_median``: ``median a(samples)``, and ``mem_median_heldout``: ``median a(held-out)``.
 
-    Voxel space, not feature space, because a copy is a copy voxel by voxel, whereas the encoder
-    could map two different brains onto nearby features. The cost: a copy shifted by a voxel no
-    longer looks close. Inputs may also be feature arrays (N, F).
+    Why the ratio to the distance to held-out volumes, and not ``a`` alone: a blurry sample (the
+    average brain, say) is close in voxel space to *every* brain, training or not; measured by
+    ``a`` alone it would look like memorisation. Voxel space, not feature space, because a copy
+    is a copy voxel by voxel, whereas the encoder could map two different brains onto nearby
+    features; the cost is that a copy shifted by a voxel no longer looks close. Inputs may also
+    be feature arrays (N, F). Needs at least 2 held-out volumes.
     """
     s, t, h = (_features(a, name) for a, name in ((samples, "samples"), (train, "train"), (heldout, "heldout")))
     if not s.shape[1] == t.shape[1] == h.shape[1]:
@@ -248,11 +267,18 @@ def memorisation(samples: Any, train: Any, heldout: Any) -> dict[str, float]:
     scale = float(t.std()) * math.sqrt(t.shape[1])                     # ||x - y|| -> RMS in units of std
     if scale == 0:
         raise ValueError("train: all training voxels are equal, distances cannot be normalised")
-    d_s = np.sqrt(_sq_dists(s, t).min(1)) / scale                       # (N,) nearest training volume
-    d_h = np.sqrt(_sq_dists(h, t).min(1)) / scale                       # (M,)
-    return {"mem_ratio": float(np.median(d_s) / max(np.median(d_h), 1e-12)),
-            "mem_frac": float((d_s < d_h.min()).mean()),
-            "mem_median": float(np.median(d_s)), "mem_median_heldout": float(np.median(d_h))}
+
+    def nearest_other(d2: np.ndarray) -> np.ndarray:                   # nearest non-identical volume
+        d2 = np.where(d2 <= 1e-12 * scale ** 2, np.inf, d2)
+        return np.sqrt(d2.min(1)) / scale
+
+    a_s = np.sqrt(_sq_dists(s, t).min(1)) / scale                       # (N,) to the nearest training volume
+    a_h = np.sqrt(_sq_dists(h, t).min(1)) / scale                       # (M,)
+    b_s, b_h = nearest_other(_sq_dists(s, h)), nearest_other(_sq_dists(h, h))   # to the nearest held-out one
+    q_s, q_h = a_s / np.maximum(b_s, 1e-12), a_h / np.maximum(b_h, 1e-12)
+    return {"mem_ratio": float(np.median(q_s) / max(np.median(q_h), 1e-12)),
+            "mem_frac": float((q_s < 0.5 * np.median(q_h)).mean()),
+            "mem_median": float(np.median(a_s)), "mem_median_heldout": float(np.median(a_h))}
 
 
 # 3. The encoder: data version, training, cache -----------------------------------------------
@@ -301,15 +327,27 @@ def _targets(folder: Path, split: str, size: int, channels: Sequence[str | int])
                                     for it in items])}                                     # (N, 3)
 
 
+# How the encoder is trained beyond the settings a caller may change. Part of the cache key, so
+# that a change here retrains it. Without augmentation and weight decay the encoder memorises the
+# ~50 training brains: held-out brains then land as far from the training set in feature space
+# as the mean-plus-noise baseline does, and the yardstick cannot tell a real brain from noise.
+RECIPE = {"augment": {"flip_lr": 0.5, "shift_voxels": 2, "gain": 0.1}, "weight_decay": 0.05, "optimizer": "AdamW"}
+ENCODER_STEPS = 1500          # the default step cap: the number that ends training, on any machine
+
+
 class _ShuffledBatches:
     """Batches of a dict of tensors in a seeded random order, a fresh order each pass.
 
-    Each volume is mirrored along its first spatial axis (left-right in the phantoms) with
-    probability 1/2: a free augmentation that changes none of the targets.
+    Augmentations that change none of the targets: each volume is mirrored along its first
+    spatial axis (left-right in the phantoms) with probability ``flip_lr``, shifted by up to
+    ``shift_voxels`` voxels along each axis (a circular shift: the phantoms have an empty
+    border), and its intensities scaled by a gain in ``1 ± gain``.
     """
 
-    def __init__(self, data: Mapping[str, torch.Tensor], batch_size: int, seed: int):
+    def __init__(self, data: Mapping[str, torch.Tensor], batch_size: int, seed: int,
+                 flip_lr: float = 0.5, shift_voxels: int = 0, gain: float = 0.0):
         self.data, self.batch_size = data, min(batch_size, len(data["image"]))
+        self.flip_lr, self.shift, self.gain = flip_lr, int(shift_voxels), gain
         self.g = torch.Generator().manual_seed(seed)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -318,8 +356,15 @@ class _ShuffledBatches:
         for s in range(0, n - self.batch_size + 1, self.batch_size):       # drop the last partial batch
             idx = order[s:s + self.batch_size]
             batch = {k: v[idx] for k, v in self.data.items()}
-            flip = torch.rand(len(idx), generator=self.g) < 0.5               # (B,)
-            batch["image"] = torch.where(flip[:, None, None, None, None], batch["image"].flip(2), batch["image"])
+            x, b = batch["image"], len(idx)                                   # (B, C, D, H, W)
+            flip = torch.rand(b, generator=self.g) < self.flip_lr             # (B,)
+            x = torch.where(flip[:, None, None, None, None], x.flip(2), x)
+            if self.shift:
+                shifts = torch.randint(-self.shift, self.shift + 1, (b, 3), generator=self.g).tolist()
+                x = torch.stack([torch.roll(x[k], tuple(shifts[k]), dims=(1, 2, 3)) for k in range(b)])
+            if self.gain:
+                x = x * (1 + self.gain * (2 * torch.rand(b, 1, 1, 1, 1, generator=self.g) - 1))
+            batch["image"] = x
             yield batch
 
 
@@ -423,17 +468,21 @@ def _standardise(raw: Mapping[str, torch.Tensor], t: Mapping[str, Any]) -> dict[
 
 
 def load_or_train_encoder(dataset_folder: str | Path, size: int = 32, channels: Sequence[str | int] = ("T1",),
-                          budget_s: float | None = 40.0, max_steps: int = 600, device: torch.device | str = "cpu",
+                          budget_s: float | None = 120.0, max_steps: int = ENCODER_STEPS,
+                          device: torch.device | str = "cpu",
                           config: EncoderConfig | None = None, batch_size: int = 8, lr: float = 2e-3,
                           seed: int = 0, cache_dir: str | Path | None = None) -> YardstickEncoder:
     """The frozen yardstick encoder for a dataset: loaded from the cache if it matches, else trained.
 
     The cache file is ``<cache_dir>/yardstick_<hash>.pt`` (default ``data/models/``), where the
     hash covers the data version (:func:`data_version`: dataset folder name, manifest hash, size,
-    channels), the encoder config and the training settings (``max_steps``, ``batch_size``,
-    ``lr``, ``seed``) — but not ``budget_s``, which only guards the clock: a file trained under
-    a budget is reused as it is, and ``training["steps"]`` says how far it got. Training uses
-    the dataset's ``train`` split; the sanity numbers in ``heldout`` use its ``test`` split.
+    channels), the encoder config, the training settings (``max_steps``, ``batch_size``, ``lr``,
+    ``seed``) and the :data:`RECIPE` — but not ``budget_s``, which only guards the clock. Training
+    is seeded and ends at ``max_steps`` on any ordinary machine, so every chapter gets the same
+    encoder (and every machine the same one up to floating-point rounding, which thread counts
+    change); if the budget does stop it, a ``RuntimeWarning`` says so and
+    ``training["stopped_by"]`` records it. Training uses the dataset's ``train`` split; the sanity
+    numbers in ``heldout`` use its ``test`` split.
     """
     folder = Path(dataset_folder)
     device = torch.device(device)
@@ -446,38 +495,66 @@ def load_or_train_encoder(dataset_folder: str | Path, size: int = 32, channels: 
                          f"channels={tuple(channels)} and size={size}")
     version = data_version(folder, size, channels)
     settings = {"max_steps": int(max_steps), "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed)}
-    key = json.dumps({"data": version, "encoder": asdict(config), "training": settings}, sort_keys=True)
+    key = json.dumps({"data": version, "encoder": asdict(config), "training": settings, "recipe": RECIPE},
+                     sort_keys=True)
     path = Path(cache_dir) if cache_dir is not None else data_root() / "models"
     path = path / f"yardstick_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
 
+    # Two chapters that miss the cache at the same moment train it once: the second one waits
+    # for the lock, then finds the file.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if path.is_file():
+                return _load_encoder(path, version, settings, device)
+            return _train_encoder(folder, path, version, settings, config, channels, budget_s, device)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _load_encoder(path: Path, version: Mapping[str, Any], settings: Mapping[str, Any],
+                  device: torch.device) -> YardstickEncoder:
+    """A cache hit: rebuild the model from the saved config and check what it was trained on."""
+    saved: dict[str, Any] = {}
+    model = load_model(path, lambda c: (saved.update(c), Encoder3D(EncoderConfig(**c["encoder"])))[1], device)
+    if saved.get("data") != version or any(saved["training"].get(k) != v for k, v in settings.items()):
+        raise ValueError(f"{path}: was trained on {saved.get('data')}, not {version}; delete it to retrain")
+    enc = YardstickEncoder(model.requires_grad_(False), EncoderConfig(**saved["encoder"]), dict(version),
+                           saved["targets"], saved["training"], saved["heldout"], path, True, device)
+    print(f"yardstick encoder: loaded {path.name} ({enc.training['steps']} steps on {version['dataset']})")
+    return enc
+
+
+def _train_encoder(folder: Path, path: Path, version: Mapping[str, Any], settings: Mapping[str, Any],
+                   config: EncoderConfig, channels: Sequence[str | int], budget_s: float | None,
+                   device: torch.device) -> YardstickEncoder:
+    """A cache miss: train with fit, then freeze, check on the test split and save."""
+    size, max_steps, batch_size, lr, seed = (config.size, settings["max_steps"], settings["batch_size"],
+                                             settings["lr"], settings["seed"])
     # 1. the data: both splits, targets standardised with the training split's statistics
     train_raw, test_raw = (_targets(folder, s, size, channels) for s in ("train", "test"))
-    # 2. a cache hit: rebuild the model from the saved config and check what it was trained on
-    if path.is_file():
-        saved: dict[str, Any] = {}
-        model = load_model(path, lambda c: (saved.update(c), Encoder3D(EncoderConfig(**c["encoder"])))[1], device)
-        if saved.get("data") != version or any(saved["training"].get(k) != v for k, v in settings.items()):
-            raise ValueError(f"{path}: was trained on {saved.get('data')}, not {version}; delete it to retrain")
-        enc = YardstickEncoder(model.requires_grad_(False), EncoderConfig(**saved["encoder"]), version,
-                               saved["targets"], saved["training"], saved["heldout"], path, True, device)
-        print(f"yardstick encoder: loaded {path.name} ({enc.training['steps']} steps on {version['dataset']})")
-        return enc
-
-    # 3. a miss: train with fit, then freeze, check on the test split and save
+    # 2. train
     ages, vols = train_raw["age"], train_raw["volumes"]
     targets = {"age_mean": float(ages.mean()), "age_std": float(ages.std().clamp_min(1e-6)),
                "vol_mean": vols.mean(0).tolist(), "vol_std": vols.std(0).clamp_min(1e-6).tolist()}
     torch.manual_seed(seed)
     model = Encoder3D(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    loader = _ShuffledBatches(_standardise(train_raw, targets), batch_size, seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=RECIPE["weight_decay"])
+    loader = _ShuffledBatches(_standardise(train_raw, targets), batch_size, seed, **RECIPE["augment"])
     t0 = time.perf_counter()
     history = fit(lambda batch, i: encoder_step(model, optimizer, batch), loader, max_steps=max_steps,
                   budget_s=budget_s, desc="yardstick encoder")
     training = {**settings, "steps": history.steps, "seconds": round(time.perf_counter() - t0, 2),
                 "stopped_by": history.stopped_by, "final_loss": history.mean_last("loss", 20)}
+    if history.stopped_by == "budget":
+        warnings.warn(f"yardstick encoder: the {budget_s} s budget stopped training at step {history.steps} of "
+                      f"{max_steps}; this machine is unusually slow, and the cached encoder ({path.name}) differs "
+                      "from the one other machines train. Delete it and pass budget_s=None for the standard one.",
+                      RuntimeWarning, stacklevel=3)
+    # 3. freeze, check on the test split, save
     model.eval().requires_grad_(False)
-    enc = YardstickEncoder(model, config, version, targets, training, {}, path, False, device)
+    enc = YardstickEncoder(model, config, dict(version), targets, training, {}, path, False, device)
     enc.heldout = _heldout_report(enc, train_raw, test_raw)
     save_model(path, model, {"encoder": asdict(config), "data": version, "targets": targets,
                              "training": training, "heldout": enc.heldout})
@@ -488,7 +565,7 @@ def load_or_train_encoder(dataset_folder: str | Path, size: int = 32, channels: 
 
 def evaluate_samples(samples: Any, *, reference: Any, train: Any, heldout: Any, encoder: YardstickEncoder,
                      seed: int = 0, kid_subsets: int = 100, ms_ssim_pairs: int = 100,
-                     ms_ssim_real: float | None = None) -> dict[str, float]:
+                     ms_ssim_real: float | None = None, set_size: int | None = None) -> dict[str, float]:
     """Every column of the yardstick for one set of samples (N, C, D, H, W).
 
     ``reference`` are the real volumes the samples are compared with in feature space (normally
@@ -502,16 +579,31 @@ def evaluate_samples(samples: Any, *, reference: Any, train: Any, heldout: Any, 
 
     ``ms_ssim_real`` may be passed in (e.g. from a reference row) to skip recomputing it: it
     depends only on ``reference``, ``train`` and ``seed``.
+
+    ``set_size``: score the samples in disjoint sets of ``set_size`` (the first
+    ``len(samples) // set_size`` sets) and average FD, KID, MMD and 1-NN over the sets; ``n`` is
+    then ``set_size`` and ``fd_sets`` the number of sets. A generator can make as many samples as
+    we like, the held-out row cannot: several sets of the held-out row's size keep its
+    small-sample bias and shrink the noise. MS-SSIM and memorisation use all samples.
     """
     s = encoder.config.size
     shape = (None, encoder.config.in_channels, s, s, s)
     x, ref, tr, ho = (_volumes(v, name, shape) for v, name in
                       ((samples, "samples"), (reference, "reference"), (train, "train"), (heldout, "heldout")))
-    # 1. features of every set, from the frozen encoder
-    f_x, f_ref = encoder.features(x), encoder.features(ref)
-    kid_mean, kid_std = kid(f_x, f_ref, subsets=kid_subsets, seed=seed)
-    out = {"n": float(len(x)), "fd": frechet_distance(f_x, f_ref), "kid": kid_mean, "kid_std": kid_std,
-           "mmd": mmd(f_x, f_ref), "one_nn": one_nn_accuracy(f_x, f_ref)}
+    size = len(x) if set_size is None else int(set_size)
+    if not 2 <= size <= len(x):
+        raise ValueError(f"set_size: expected 2..{len(x)} (the number of samples), got {set_size!r}")
+    # 1. features of every set, from the frozen encoder; the feature metrics per set of `size`
+    f_all, f_ref = encoder.features(x), encoder.features(ref)
+    per_set = []
+    for k in range(len(x) // size):
+        f_x = f_all[k * size:(k + 1) * size]                                        # (size, F)
+        kid_mean, kid_std = kid(f_x, f_ref, subsets=kid_subsets, seed=seed)
+        per_set.append({"fd": frechet_distance(f_x, f_ref), "kid": kid_mean, "kid_std": kid_std,
+                        "mmd": mmd(f_x, f_ref), "one_nn": one_nn_accuracy(f_x, f_ref)})
+    out = {"n": float(size), **{key: float(np.mean([m[key] for m in per_set])) for key in per_set[0]}}
+    if set_size is not None:
+        out["fd_sets"] = float(len(per_set))
     # 2. diversity and memorisation, in voxel space
     data_range = float(tr.max() - tr.min())
     out["ms_ssim"] = ms_ssim_diversity(x, data_range, ms_ssim_pairs, seed)
@@ -558,6 +650,35 @@ def reference_rows(train: Any, heldout: Any, encoder: YardstickEncoder,
                                      ms_ssim_real=real)
         real = out[name]["ms_ssim_real"]
     return out
+
+
+def memorisation_passed(row: Mapping[str, float], max_frac: float = 0.2, min_ratio: float = 0.8) -> bool:
+    """The memorisation check of one row of the table: does the set look like *new* brains?
+
+    It passes when at most ``max_frac`` of the samples look copied (``mem_frac``) and the samples
+    are, in the median, at least ``min_ratio`` times as far from the training set (relative to
+    new brains) as held-out brains are (``mem_ratio``); see :func:`memorisation`. Held-out real
+    brains pass (``mem_ratio`` is 1 by construction); copies of training volumes fail (1 and 0).
+    """
+    return bool(row["mem_frac"] <= max_frac and row["mem_ratio"] >= min_ratio)
+
+
+def fd_probe(encoder: YardstickEncoder, reference: Any, n: int, seed: int = 0,
+             condition: torch.Tensor | None = None):
+    """A function ``probe(generator) -> {"fd": ...}`` to follow FD during training.
+
+    ``generator.sample(n, condition, generator=torch_generator)`` must return (n, C, D, H, W)
+    volumes (the GANs of :mod:`gen3d_lessons.models.gan` do). The same ``n`` codes (from
+    ``seed``) are used at every call, so that the curve shows the generator changing, not the
+    draw; the reference features are computed once.
+    """
+    f_ref = encoder.features(reference)
+
+    def probe(generator: torch.nn.Module) -> dict[str, float]:
+        x = generator.sample(n, condition, generator=torch.Generator().manual_seed(seed))
+        return {"fd": frechet_distance(encoder.features(x), f_ref)}
+
+    return probe
 
 
 COLUMNS = ("fd", "kid", "mmd", "ms_ssim", "one_nn", "mem_ratio", "mem_frac")

@@ -59,7 +59,48 @@ def test_fd_singular_covariances_fewer_samples_than_features():
     assert Y.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")      # MONAI passes SciPy a deprecated argument
+def test_fd_matches_monai():
+    from monai.metrics import FIDMetric
+    a, b = gaussian(200, 0.0, [1.0, 2.0, 0.5, 1.0], seed=20), gaussian(150, 0.3, [1.5, 1.0, 0.5, 2.0], seed=21)
+    expected = float(FIDMetric()(torch.from_numpy(a), torch.from_numpy(b)))
+    assert Y.frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+
+
 # KID, MMD, 1-NN -----------------------------------------------------------------------------------
+
+def test_unbiased_mmd_estimator_matches_monai_and_rbf_mmd_matches_scipy():
+    from monai.metrics.mmd import compute_mmd
+    from scipy.spatial.distance import cdist
+    a, b = gaussian(30, 0.0, np.ones(5), seed=22), gaussian(30, 0.5, np.ones(5), seed=23)
+    # the unbiased estimator behind KID, with MONAI's linear kernel: MONAI's MMD (equal sizes only)
+    lin = Y._mmd2_unbiased(a @ a.T, b @ b.T, a @ b.T)
+    assert lin == pytest.approx(float(compute_mmd(torch.from_numpy(b), torch.from_numpy(a), None)), rel=1e-8)
+    # RBF kernel with the median heuristic, written out with SciPy's distances
+    pooled = np.concatenate([a, b])
+    sigma = np.median(cdist(pooled, pooled)[np.triu_indices(len(pooled), 1)])
+    k = lambda x, y: np.exp(-cdist(x, y, "sqeuclidean") / (2 * sigma ** 2))  # noqa: E731
+    expected = Y._mmd2_unbiased(k(a, a), k(b, b), k(a, b))
+    assert Y.mmd(a, b) == pytest.approx(expected, rel=1e-6)
+
+
+def test_kid_on_whole_sets_is_the_unbiased_polynomial_mmd():
+    from scipy.spatial.distance import cdist
+    a, b = gaussian(20, 0.0, np.ones(3), seed=24), gaussian(20, 1.0, np.ones(3), seed=25)
+    k = lambda x, y: (1.0 - cdist(x, y, lambda u, v: -(u @ v) / 3)) ** 3  # noqa: E731  (xᵀy/F + 1)³
+    expected = Y._mmd2_unbiased(k(a, a), k(b, b), k(a, b))
+    mean, std = Y.kid(a, b, subsets=3, subset_size=20)          # every subset is the whole set
+    assert mean == pytest.approx(expected, rel=1e-8) and std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_one_nn_matches_a_scipy_nearest_neighbour_search():
+    from scipy.spatial import cKDTree
+    a, b = gaussian(40, 0.0, np.ones(3), seed=26), gaussian(25, 0.7, np.ones(3), seed=27)
+    x, label = np.concatenate([a, b]), np.r_[np.zeros(40), np.ones(25)]
+    _, idx = cKDTree(x).query(x, k=2)                            # the first neighbour is the point itself
+    correct = label[idx[:, 1]] == label
+    assert Y.one_nn_accuracy(a, b) == pytest.approx(0.5 * (correct[:40].mean() + correct[40:].mean()))
+
 
 def test_kid_and_mmd_near_zero_for_one_distribution_and_positive_when_shifted():
     a, b = gaussian(200, 0.0, np.ones(8), seed=5), gaussian(200, 0.0, np.ones(8), seed=6)
@@ -113,6 +154,41 @@ def test_memorisation_flags_copies_and_not_heldout():
     assert fresh["mem_frac"] == 0.0 and fresh["mem_ratio"] == pytest.approx(1.0)
     near = Y.memorisation(train[:5] + 0.01 * torch.randn_like(train[:5]), train, heldout)
     assert near["mem_frac"] == 1.0 and near["mem_ratio"] < 0.2
+
+
+def test_memorisation_distances_match_scipy_and_the_check_passes_or_fails():
+    from scipy.spatial.distance import cdist
+    train, heldout, samples = smooth_volumes(10, seed=15), smooth_volumes(4, seed=16), smooth_volumes(6, seed=17)
+    t, h, s = (v.flatten(1).double().numpy() for v in (train, heldout, samples))
+    scale = t.std() * math.sqrt(t.shape[1])
+    d_hh = cdist(h, h)
+    np.fill_diagonal(d_hh, np.inf)                                   # the nearest *other* held-out volume
+    q_s = cdist(s, t).min(1) / cdist(s, h).min(1)
+    q_h = cdist(h, t).min(1) / d_hh.min(1)
+    out = Y.memorisation(samples, train, heldout)
+    assert out["mem_ratio"] == pytest.approx(np.median(q_s) / np.median(q_h), rel=1e-6)
+    assert out["mem_frac"] == pytest.approx((q_s < 0.5 * np.median(q_h)).mean())
+    assert out["mem_median"] == pytest.approx(np.median(cdist(s, t).min(1)) / scale, rel=1e-6)
+    assert Y.memorisation_passed({"mem_frac": 0.0, "mem_ratio": 1.0})
+    assert not Y.memorisation_passed(Y.memorisation(train[:4], train, heldout))
+
+
+def test_memorisation_does_not_mistake_blur_for_copying():
+    train, heldout = smooth_volumes(12, seed=30), smooth_volumes(6, seed=31)
+    average = train.mean(0, keepdim=True).repeat(6, 1, 1, 1, 1)     # close to every brain, a copy of none
+    out = Y.memorisation(average, train, heldout)
+    assert Y.memorisation_passed(out) and out["mem_frac"] == 0.0
+    assert out["mem_median"] < out["mem_median_heldout"]            # nearer the training set than new volumes are
+
+
+def test_ms_ssim_matches_monai_on_a_shifted_pair():
+    from monai.metrics import MultiScaleSSIMMetric
+    v = smooth_volumes(2, seed=18, size=32)
+    w = torch.roll(v, 3, dims=2)
+    metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=1.0, kernel_size=5, weights=Y.MS_SSIM_WEIGHTS)
+    expected = metric(w, v)[:, 0]
+    assert torch.allclose(Y.ms_ssim(w, v, data_range=1.0), expected, atol=1e-6)
+    assert (expected < 0.99).all()
 
 
 def test_mean_noise_baseline_matches_voxelwise_moments():
@@ -183,9 +259,39 @@ def test_encoder_trains_caches_reloads_and_evaluates(tmp_path):
     assert rows["copy of training"]["mem_frac"] == 1.0 and rows["held-out real"]["mem_frac"] == 0.0
     assert set(Y.COLUMNS) <= set(rows["mean + noise"])
     assert list(Y.table(rows).columns) == list(Y.COLUMNS)
+    one = Y.evaluate_samples(volumes, reference=train, train=train, heldout=volumes, encoder=enc)
+    two = Y.evaluate_samples(torch.cat([volumes, volumes]), reference=train, train=train, heldout=volumes,
+                             encoder=enc, set_size=len(volumes))
+    assert two["n"] == len(volumes) and two["fd_sets"] == 2 and two["fd"] == pytest.approx(one["fd"])
+    with pytest.raises(ValueError, match="set_size"):
+        Y.evaluate_samples(volumes, reference=train, train=train, heldout=volumes, encoder=enc, set_size=1)
     with pytest.raises(ValueError, match="samples: expected shape"):
         Y.evaluate_samples(train[:, :, :8], reference=train, train=train, heldout=volumes, encoder=enc)
     bad = train.clone()
     bad[0, 0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="samples: contains"):
         Y.evaluate_samples(bad, reference=train, train=train, heldout=volumes, encoder=enc)
+
+
+def test_encoder_training_is_deterministic_and_probe_follows_a_generator(tmp_path):
+    folder = _tiny_brains(tmp_path / "tiny")
+    kw = dict(size=S, channels=("T1",), budget_s=None, max_steps=4, batch_size=4,
+              config=EncoderConfig(size=S, feature_dim=16, n_sites=3))
+    a = Y.load_or_train_encoder(folder, cache_dir=tmp_path / "a", **kw)
+    b = Y.load_or_train_encoder(folder, cache_dir=tmp_path / "b", **kw)      # trained again, elsewhere
+    assert a.path.name == b.path.name and a.training["stopped_by"] == "max_steps"
+    for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(p, q), name
+
+    class Fixed(torch.nn.Module):                    # a "generator" that returns training volumes
+        def __init__(self, volumes):
+            super().__init__()
+            self.volumes, self.w = volumes, torch.nn.Parameter(torch.zeros(()))
+
+        def sample(self, n, c=None, generator=None):
+            return self.volumes[torch.randperm(len(self.volumes), generator=generator)[:n]]
+
+    train = Y.load_volumes(folder, "train", size=S)
+    probe = Y.fd_probe(a, train, n=4, seed=0)
+    assert probe(Fixed(train))["fd"] == probe(Fixed(train))["fd"] >= 0      # the same codes every call
+    assert probe(Fixed(train * 0 + 0.5))["fd"] > probe(Fixed(train))["fd"]
