@@ -1,7 +1,8 @@
 """Register one volume to another: with a trained network, or by optimising the transform per pair.
 
 - :func:`register` is the public entry point for volumes as arrays: ``register(moving, fixed, model)``
-  returns the displacement and the warped moving volume, checking its inputs first;
+  checks its inputs, then returns the displacement, the warped moving volume (and its labels) and
+  the seconds it took;
 - :func:`register_iterative` is the classical baseline: gradient descent on a displacement or
   velocity field for *one* pair, with the same loss a network is trained with;
 - :func:`register_affine` optimises a 3x4 matrix (12 numbers) instead of a field;
@@ -13,7 +14,8 @@ Tensors are (B, C, D, H, W); displacements (B, 3, D, H, W) in voxels, on the fix
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -111,6 +113,15 @@ def warp_labels(labels: torch.Tensor, displacement: torch.Tensor, num_classes: i
 
 # 2. The public helper for volumes given as arrays ---------------------------------------------
 
+class Registered(NamedTuple):
+    """What :func:`register` returns (numpy arrays, on the fixed image's grid)."""
+
+    displacement: np.ndarray              # (3, X, Y, Z) in voxels: fixed voxel x sits at moving's x + u(x)
+    warped: np.ndarray                    # moving resampled onto the fixed grid, moving's shape
+    warped_labels: np.ndarray | None      # (X, Y, Z) int64: moving_labels carried along; None without them
+    seconds: float                        # time spent finding the transform (one network pass, or the optimiser)
+
+
 def _as_batch(volume: Any, name: str) -> torch.Tensor:
     """(X, Y, Z) or channels-last (X, Y, Z, C), numpy or torch, checked -> (1, C, X, Y, Z) float32."""
     if hasattr(volume, "shape") and len(volume.shape) == 2:
@@ -125,19 +136,51 @@ def _as_batch(volume: Any, name: str) -> torch.Tensor:
     return x.permute(3, 0, 1, 2)[None].contiguous()                    # (1, C, X, Y, Z)
 
 
-def register(moving: Any, fixed: Any, model: torch.nn.Module | None = None,
-             **iterative: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Register ``moving`` to ``fixed``; returns ``(displacement (3, X, Y, Z), warped)`` as numpy arrays.
+def _label_batch(labels: Any, shape: tuple[int, ...], num_classes: int | None) -> torch.Tensor:
+    """A label map (X, Y, Z) of integers in [0, num_classes), or class probabilities (X, Y, Z, K),
+    checked -> (1, K, X, Y, Z) probabilities."""
+    check_volume(labels, "moving_labels", ndim=(3, 4))
+    x = torch.as_tensor(np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels))
+    if tuple(x.shape[:3]) != tuple(shape):
+        raise ValueError(f"moving_labels: spatial shape {tuple(x.shape[:3])} does not match the moving volume's "
+                         f"{tuple(shape)}")
+    if x.ndim == 4:                                                     # class probabilities, channels last
+        x = x.float()
+        if x.min() < 0 or x.max() > 1:
+            raise ValueError(f"moving_labels: a 4D input is read as class probabilities (X, Y, Z, K) and must lie "
+                             f"in [0, 1], got values in [{x.min().item():.3g}, {x.max().item():.3g}]")
+        return x.permute(3, 0, 1, 2)[None].contiguous()
+    if num_classes is None or isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 2:
+        raise ValueError(f"num_classes: a label map needs the number of classes (an integer >= 2) to check its "
+                         f"values against, got {num_classes!r}")
+    if x.is_floating_point() and not torch.equal(x, x.round()):
+        raise ValueError("moving_labels: expected integer labels, found fractional values (pass class "
+                         "probabilities as (X, Y, Z, K) instead)")
+    values = x.long().unique().tolist()
+    outside = [v for v in values if not 0 <= v < num_classes]
+    if outside:
+        raise ValueError(f"moving_labels: values {outside} are outside the expected labels 0..{int(num_classes) - 1} "
+                         f"(num_classes={int(num_classes)})")
+    return F.one_hot(x.long(), int(num_classes)).permute(3, 0, 1, 2)[None].float()  # (1, K, X, Y, Z)
 
-    Volumes are (X, Y, Z) or channels-last (X, Y, Z, C) arrays or tensors of one shape; ``warped``
-    has the shape of ``moving``. With a trained ``model`` (e.g. a :class:`VoxelMorph`) this is one
-    forward pass; without one, the field is optimised for this pair by :func:`register_iterative`
-    (keyword arguments go to it). Displacements are in voxels on the fixed grid.
+
+def register(moving: Any, fixed: Any, model: torch.nn.Module | None = None, *, moving_labels: Any = None,
+             num_classes: int | None = None, **iterative: Any) -> Registered:
+    """Register ``moving`` to ``fixed``; returns a :class:`Registered` (displacement, warped, labels, seconds).
+
+    Volumes are (X, Y, Z) or channels-last (X, Y, Z, C) arrays or tensors of one shape. With a
+    trained ``model`` (e.g. a :class:`~gen3d_lessons.models.registration.VoxelMorph`) the transform
+    is one forward pass; without one it is optimised for this pair by :func:`register_iterative`
+    (keyword arguments go to it). ``moving_labels`` (a label map with ``num_classes`` classes, or
+    probabilities (X, Y, Z, K)) are carried through the same transform by :func:`warp_labels`.
+    Displacements are in voxels on the fixed grid. Bad input raises ``ValueError`` naming the argument.
     """
     m, f = _as_batch(moving, "moving"), _as_batch(fixed, "fixed")
     if m.shape != f.shape:
         raise ValueError(f"fixed: shape {tuple(fixed.shape)} does not match moving shape {tuple(moving.shape)}; "
                          "resample both onto one grid first")
+    labels = None if moving_labels is None else _label_batch(moving_labels, tuple(m.shape[2:]), num_classes)
+    t0 = time.perf_counter()
     if model is None:
         u = register_iterative(m, f, **iterative)
     else:
@@ -152,6 +195,8 @@ def register(moving: Any, fixed: Any, model: torch.nn.Module | None = None,
             model.eval()
             u = model(m.to(device), f.to(device)).displacement.cpu()
             model.train(was_training)
+    seconds = time.perf_counter() - t0
     warped = spatial.warp(m, u)[0].permute(1, 2, 3, 0)                  # (X, Y, Z, C)
     warped = warped[..., 0] if len(moving.shape) == 3 else warped
-    return u[0].numpy(), warped.numpy()
+    warped_labels = None if labels is None else warp_labels(labels, u)[0].numpy()
+    return Registered(u[0].numpy(), warped.numpy(), warped_labels, seconds)

@@ -10,9 +10,10 @@ object scores a network's output during training and a field optimised per pair 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from .. import losses as L
 from .. import spatial
@@ -78,3 +79,33 @@ def registration_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     report = {k: v.detach() for k, v in terms.items()}
     report["mean_|u|"] = out.displacement.detach().pow(2).sum(1).sqrt().mean()
     return report
+
+
+def atlas_batches(atlas: torch.Tensor, atlas_labels: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, *,
+                  batch_size: int, generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches for atlas-to-subject registration: the atlas is always the moving image.
+
+    ``atlas`` (1, C, *S) and its class probabilities ``atlas_labels`` (1, K, *S); a pool of subjects
+    ``images`` (N, C, *S) with integer ``labels`` (N, *S) in [0, K). Each batch draws ``batch_size``
+    subjects at random (with ``generator``) and yields the dict :func:`registration_step` reads, the
+    subjects' labels one-hot encoded with K classes.
+    """
+    n, k = images.shape[0], atlas_labels.shape[1]
+    if atlas.ndim != images.ndim or atlas.shape[0] != 1 or atlas.shape[1:] != images.shape[1:]:
+        raise ValueError(f"atlas: expected shape (1, {', '.join(map(str, images.shape[1:]))}) to match the "
+                         f"images {tuple(images.shape)}, got {tuple(atlas.shape)}")
+    if labels.shape != (n, *images.shape[2:]):
+        raise ValueError(f"labels: expected (N, *S) = {(n, *images.shape[2:])} integer maps, got {tuple(labels.shape)}")
+    if labels.min() < 0 or labels.max() >= k:
+        raise ValueError(f"labels: values must lie in [0, {k}) to match the atlas's {k} classes, "
+                         f"got [{int(labels.min())}, {int(labels.max())}]")
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            i = torch.randint(0, n, (batch_size,), generator=generator)
+            yield {"moving": atlas.expand(batch_size, *atlas.shape[1:]),
+                   "fixed": images[i],
+                   "moving_labels": atlas_labels.expand(batch_size, *atlas_labels.shape[1:]),
+                   "fixed_labels": F.one_hot(labels[i].long(), k).movedim(-1, 1).float()}   # (B, K, *S)
+
+    return batches()

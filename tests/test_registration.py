@@ -1,0 +1,247 @@
+"""Registration: VoxelMorph, its loss and step, the per-pair optimisers, register() and its checks."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gen3d_lessons import spatial
+from gen3d_lessons.models.registration import RegistrationConfig, VoxelMorph, similarity_force
+from gen3d_lessons.register import Registered, register, register_affine, register_iterative, warp_labels
+from gen3d_lessons.training import load_model, save_model
+from gen3d_lessons.training.registration import RegistrationLoss, atlas_batches, registration_step
+
+N = 16
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _blob(shift=(0.0, 0.0, 0.0), n: int = N) -> torch.Tensor:
+    """A smooth ball (1, 1, n, n, n), its centre moved by ``shift`` voxels: something to register."""
+    x = spatial.identity_grid((n, n, n))[0]                                  # (3, n, n, n)
+    centre = torch.tensor([(n - 1) / 2 + s for s in shift]).view(3, 1, 1, 1)
+    r = (x - centre).pow(2).sum(0).sqrt()
+    return torch.sigmoid((n / 4 - r) / 1.0)[None, None]
+
+
+def _net(**kw) -> VoxelMorph:
+    torch.manual_seed(0)
+    return VoxelMorph(RegistrationConfig(features=(4, 8, 8), **kw))
+
+
+# 1. The network -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("diffeomorphic", [False, True])
+@pytest.mark.parametrize("flow_level", [0, 1, 2])
+def test_voxelmorph_shapes_and_identity_start(diffeomorphic, flow_level):
+    net = _net(diffeomorphic=diffeomorphic, flow_level=flow_level)
+    moving, fixed = torch.rand(2, 1, N, N, N, generator=_gen(0)), torch.rand(2, 1, N, N, N, generator=_gen(1))
+    out = net(moving, fixed)
+    coarse = N // 2 ** flow_level
+    assert out.field.shape == (2, 3, coarse, coarse, coarse)
+    assert out.displacement.shape == (2, 3, N, N, N) and out.warped.shape == moving.shape
+    # the head starts near zero, so an untrained network is (almost) the identity map
+    assert out.displacement.abs().max() < 1e-2
+    assert torch.allclose(out.warped, moving, atol=1e-2)
+
+
+def test_voxelmorph_rejects_bad_shapes_and_configs():
+    net = _net()
+    with pytest.raises(ValueError, match="one shape"):
+        net(torch.zeros(1, 1, N, N, N), torch.zeros(1, 1, N, N, N - 4))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        net(torch.zeros(1, 1, 10, 10, 10), torch.zeros(1, 1, 10, 10, 10))
+    with pytest.raises(ValueError, match="one shape"):
+        net(torch.zeros(1, 2, N, N, N), torch.zeros(1, 2, N, N, N))         # in_channels is 1
+    with pytest.raises(ValueError, match="flow_level"):
+        RegistrationConfig(features=(4, 8), flow_level=2)
+    with pytest.raises(ValueError, match="features"):
+        RegistrationConfig(features=(4,))
+
+
+def test_velocity_field_is_integrated_by_scaling_and_squaring():
+    """A large velocity folds space when used as a displacement, but not once exponentiated."""
+    v = spatial.smooth_random_field((1, 3, 8, 8, 8), 1.0, 1.5, _gen(2))
+    net = _net(diffeomorphic=True, flow_level=1)
+    u_diffeo = net.field_to_displacement(v, (N, N, N))
+    u_plain = spatial.resize_displacement(v, (N, N, N))
+    assert torch.allclose(u_diffeo, spatial.resize_displacement(spatial.integrate_velocity(v, 7), (N, N, N)))
+    fold = lambda u: (spatial.jacobian_determinant(u) <= 0).float().mean().item()   # noqa: E731
+    assert fold(u_plain) > 0.01 and fold(u_diffeo) < fold(u_plain) / 5
+
+
+def test_similarity_force_points_downhill():
+    """A small step along the force lowers the squared difference (it is minus the gradient)."""
+    moving, fixed = _blob(), _blob(shift=(1.0, 0.0, 0.0))
+    force = similarity_force(moving, fixed)
+    assert force.shape == (1, 6, N, N, N)
+    raw, demons = force[:, :3], force[:, 3:]
+    before = (fixed - moving).pow(2).sum()
+    after = (fixed - spatial.warp(moving, 0.05 * raw)).pow(2).sum()
+    assert after < before
+    assert demons.norm(dim=1).max() <= 0.5 + 1e-4          # |F| / (|∇m|² + d²) <= 1 / (2 |...|) by AM-GM
+    net_pull = raw.sum(dim=(2, 3, 4))[0]                                 # the blob must move +1 along D: u < 0
+    assert net_pull[0] < 0 and net_pull[1:].abs().max() < 1e-3 * net_pull[0].abs()
+
+
+def test_force_input_and_cascade_variant():
+    net = _net(diffeomorphic=True, force_input=True, cascade=3)
+    assert net.down[0][0].in_channels == 2 + 6
+    moving, fixed = _blob(), _blob(shift=(1.0, 0.0, 0.0))
+    out = net(moving, fixed)
+    assert out.displacement.shape == (1, 3, N, N, N) and out.warped.shape == moving.shape
+    assert torch.allclose(out.warped, moving, atol=1e-2)                 # still the identity at the start
+    with torch.no_grad():
+        net.head.bias.copy_(torch.tensor([0.25, 0.0, 0.0]))              # each pass: a constant shift of 0.5 voxel
+    u = net(moving, fixed).displacement                                  # (coarse voxels are 2 fine ones here)
+    assert torch.allclose(u[:, 0, 4:-4, 4:-4, 4:-4], torch.full((8, 8, 8), 3 * 0.25 * (N - 1) / (N // 2 - 1)), atol=0.05)
+    with pytest.raises(ValueError, match="cascade"):
+        RegistrationConfig(cascade=0)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    net = _net(diffeomorphic=True, norm=True)
+    with torch.no_grad():
+        net.head.weight.normal_(std=0.1)                                    # a field that is not zero
+    path = save_model(tmp_path / "vxm.pt", net, net.cfg)
+    again = load_model(path, lambda c: VoxelMorph(RegistrationConfig(**c)))
+    x, y = torch.rand(1, 1, N, N, N, generator=_gen(3)), torch.rand(1, 1, N, N, N, generator=_gen(4))
+    net.eval()
+    assert torch.allclose(net(x, y).displacement, again(x, y).displacement, atol=1e-6)
+
+
+# 2. The loss and the training step ----------------------------------------------------------------
+
+def test_registration_loss_on_known_cases():
+    x = torch.rand(1, 1, 8, 8, 8, generator=_gen(5))
+    zero = torch.zeros(1, 3, 8, 8, 8)
+    for sim in ("mse", "ncc"):
+        terms = RegistrationLoss(similarity=sim)(x, x, zero)
+        assert terms["loss"].item() == pytest.approx(0.0, abs=1e-3)
+    shift = zero.clone()
+    shift[:, 0] = 2.0                                                       # constant: no gradient, no bending
+    assert RegistrationLoss(regulariser="gradient")(x, x, shift)["smoothness"].item() == 0.0
+    ramp = spatial.identity_grid((8, 8, 8)) * 0.1                           # affine: bends nothing, stretches
+    assert RegistrationLoss(regulariser="bending")(x, x, ramp)["smoothness"].item() == pytest.approx(0.0, abs=1e-7)
+    assert RegistrationLoss(regulariser="gradient")(x, x, ramp)["smoothness"].item() > 0
+    with pytest.raises(ValueError, match="fixed_labels"):
+        RegistrationLoss(dice=1.0)(x, x, zero)
+    with pytest.raises(ValueError, match="similarity"):
+        RegistrationLoss(similarity="mi")
+    with pytest.raises(ValueError, match="weights"):
+        RegistrationLoss(smoothness=-1.0)
+
+
+@pytest.mark.parametrize("dice", [0.0, 1.0])
+def test_registration_step_reaches_every_parameter_and_lowers_the_loss(dice):
+    net = _net(diffeomorphic=True)
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    moving, fixed = _blob(), _blob(shift=(1.5, 0.0, -1.0))
+    labels = lambda img: torch.cat([1 - (img > 0.5).float(), (img > 0.5).float()], 1)   # noqa: E731
+    batch = {"moving": moving, "fixed": fixed, "moving_labels": labels(moving), "fixed_labels": labels(fixed)}
+    loss_fn = RegistrationLoss(smoothness=0.01, dice=dice)
+    first = registration_step(net, optimizer, batch, loss_fn)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    assert net.head.weight.grad.abs().sum() > 0
+    assert ("dice_loss" in first) == (dice > 0)
+    for _ in range(30):
+        last = registration_step(net, optimizer, batch, loss_fn)
+    assert last["loss"] < first["loss"]
+
+
+def test_atlas_batches_pair_the_atlas_with_random_subjects():
+    atlas, atlas_p = torch.rand(1, 2, 8, 8, 8), torch.rand(1, 3, 8, 8, 8)
+    images, labels = torch.rand(5, 2, 8, 8, 8), torch.randint(0, 3, (5, 8, 8, 8))
+    batches = atlas_batches(atlas, atlas_p, images, labels, batch_size=3, generator=_gen(0))
+    b = next(iter(batches))
+    assert b["moving"].shape == (3, 2, 8, 8, 8) and b["fixed"].shape == (3, 2, 8, 8, 8)
+    assert b["moving_labels"].shape == (3, 3, 8, 8, 8) and b["fixed_labels"].shape == (3, 3, 8, 8, 8)
+    assert torch.equal(b["fixed_labels"].sum(1), torch.ones(3, 8, 8, 8))   # one-hot
+    with pytest.raises(ValueError, match="labels"):
+        atlas_batches(atlas, atlas_p, images, labels[:4], batch_size=3)
+
+
+# 3. The classical optimisers and warp_labels --------------------------------------------------------
+
+def test_iterative_registration_recovers_a_shift_without_folding():
+    moving, fixed = _blob(), _blob(shift=(1.5, 0.0, -1.0))
+    u = register_iterative(moving, fixed, RegistrationLoss(smoothness=0.01), grid=8, steps=60, lr=0.1)
+    before = F.mse_loss(moving, fixed).item()
+    after = F.mse_loss(spatial.warp(moving, u), fixed).item()
+    assert after < 0.25 * before
+    centre = u[0, :, N // 2, N // 2, N // 2]
+    assert centre[0] < -0.7 and centre[2] > 0.4                            # fixed(x) = moving(x - shift)
+    assert (spatial.jacobian_determinant(u) > 0).all()
+    with pytest.raises(ValueError, match="labels"):
+        register_iterative(moving, fixed, RegistrationLoss(dice=1.0))
+
+
+def test_affine_registration_recovers_a_translation():
+    moving, fixed = _blob(), _blob(shift=(2.0, -1.0, 0.0))
+    matrix, u = register_affine(moving, fixed, steps=80, lr=0.02)
+    assert torch.allclose(matrix[0, :, 3], torch.tensor([-2.0, 1.0, 0.0]), atol=0.4)
+    assert u.shape == (1, 3, N, N, N)
+
+
+def test_warp_labels_keeps_labels_under_identity_and_needs_num_classes():
+    labels = torch.randint(0, 4, (2, 1, 8, 8, 8), generator=_gen(6))
+    zero = torch.zeros(2, 3, 8, 8, 8)
+    assert torch.equal(warp_labels(labels, zero, num_classes=4), labels[:, 0])
+    with pytest.raises(ValueError, match="num_classes"):
+        warp_labels(labels, zero)
+
+
+# 4. register(): the public helper ------------------------------------------------------------------
+
+def _pair() -> tuple[np.ndarray, np.ndarray]:
+    return _blob()[0, 0].numpy(), _blob(shift=(1.0, 0.0, 0.0))[0, 0].numpy()
+
+
+def test_register_with_a_model_and_with_the_optimiser():
+    moving, fixed = _pair()
+    labels = (moving > 0.5).astype(np.uint8)
+    out = register(moving, fixed, _net(diffeomorphic=True), moving_labels=labels, num_classes=2)
+    assert isinstance(out, Registered)
+    assert out.displacement.shape == (3, N, N, N) and out.warped.shape == moving.shape
+    assert out.warped_labels.shape == moving.shape and out.seconds > 0
+    out = register(moving, fixed, steps=20, grid=8)                          # no model: per-pair optimiser
+    assert out.warped_labels is None and np.abs(out.displacement).max() > 0.1
+    # channels-last volumes keep their channels
+    out = register(np.stack([moving, moving], -1), np.stack([fixed, fixed], -1), steps=2, grid=8)
+    assert out.warped.shape == (N, N, N, 2)
+
+
+def test_register_rejects_bad_input_with_clear_errors():
+    moving, fixed = _pair()
+    net = _net()
+    with pytest.raises(ValueError, match="fixed: shape"):
+        register(moving, fixed[:-1], net)
+    with pytest.raises(ValueError, match="2D image"):
+        register(moving[0], fixed[0], net)
+    nan = moving.copy()
+    nan[3, 4, 5] = np.nan
+    with pytest.raises(ValueError, match="moving: contains 1 NaN"):
+        register(nan, fixed, net)
+    with pytest.raises(ValueError, match="fixed: contains"):
+        register(moving, np.where(fixed > 0.5, np.inf, fixed), net)
+    with pytest.raises(ValueError, match="dtype"):
+        register(moving.astype(bool), fixed, net)
+    with pytest.raises(ValueError, match="expects 1 channel"):
+        register(np.stack([moving] * 2, -1), np.stack([fixed] * 2, -1), net)
+    with pytest.raises(ValueError, match="divisible"):
+        register(moving[:10, :10, :10], fixed[:10, :10, :10], net)
+    with pytest.raises(TypeError, match="steps"):
+        register(moving, fixed, net, steps=3)
+    labels = (moving > 0.5).astype(np.int64)
+    with pytest.raises(ValueError, match=r"values \[7\] are outside the expected labels 0..1"):
+        register(moving, fixed, net, moving_labels=np.where(labels == 1, 7, 0), num_classes=2)
+    with pytest.raises(ValueError, match="num_classes"):
+        register(moving, fixed, net, moving_labels=labels)
+    with pytest.raises(ValueError, match="fractional"):
+        register(moving, fixed, net, moving_labels=labels * 0.5, num_classes=2)
+    with pytest.raises(ValueError, match="moving_labels: spatial shape"):
+        register(moving, fixed, net, moving_labels=labels[:-1], num_classes=2)
+    with pytest.raises(ValueError, match=r"moving_labels: a 4D input .* \[0, 1\]"):
+        register(moving, fixed, net, moving_labels=np.stack([labels * 2.0, 1 - labels], -1))
