@@ -15,7 +15,7 @@ Tensors are (B, C, D, H, W); displacements (B, 3, D, H, W) in voxels, on the fix
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -28,20 +28,32 @@ from .training.registration import RegistrationLoss
 
 # 1. Classical optimisers, one pair (or a batch of independent pairs) at a time ----------------
 
-def register_iterative(moving: torch.Tensor, fixed: torch.Tensor, loss_fn: RegistrationLoss | None = None, *,
-                       diffeomorphic: bool = True, grid: int | None = 16, steps: int = 150,
-                       lr: float = 0.1, integration_steps: int = 7,
-                       init: torch.Tensor | None = None) -> torch.Tensor:
-    """Gradient descent (Adam) on a field for this pair only; returns u (B, 3, D, H, W).
+class IterativeSnapshot(NamedTuple):
+    """The optimiser's field after ``step`` steps, and the seconds spent to get there."""
+
+    step: int
+    seconds: float
+    displacement: torch.Tensor         # (B, 3, D, H, W)
+
+
+def iterative_path(moving: torch.Tensor, fixed: torch.Tensor, loss_fn: RegistrationLoss | None = None, *,
+                   at_steps: Sequence[int], diffeomorphic: bool = True, grid: int | None = 16, lr: float = 0.1,
+                   integration_steps: int = 7, init: torch.Tensor | None = None) -> list[IterativeSnapshot]:
+    """Gradient descent (Adam) on a field for this pair only, with the field kept at each of ``at_steps``.
 
     The unknown is a velocity ``v`` (``diffeomorphic=True``: ``u = exp(v)``) or a displacement, on
     a ``grid``³ control grid (None: the image grid) that is upsampled to the image, exactly as the
     network's output is. ``init`` (B, 3, D, H, W) starts from a known displacement (e.g. an affine
     one), composed with the optimised field. Labels are not used: at test time there are none.
+    One run to ``max(at_steps)`` gives the field (and the time) of every shorter run on the way, since
+    a run of k steps is the first k steps of a longer one.
     """
     loss_fn = loss_fn or RegistrationLoss()
     if loss_fn.dice > 0:
         raise ValueError("register_iterative: the loss uses labels (dice > 0), which a new pair does not have")
+    wanted = sorted({int(k) for k in at_steps})
+    if not wanted or wanted[0] < 0:
+        raise ValueError(f"at_steps: expected step counts >= 0, got {list(at_steps)}")
     shape = tuple(fixed.shape[2:])
     coarse = shape if grid is None else (int(grid),) * len(shape)
     field = torch.zeros(fixed.shape[0], len(shape), *coarse, device=fixed.device, requires_grad=True)
@@ -52,15 +64,27 @@ def register_iterative(moving: torch.Tensor, fixed: torch.Tensor, loss_fn: Regis
         u = spatial.resize_displacement(u, shape) if coarse != shape else u
         return u if init is None else spatial.compose(init, u)          # x -> init-map after the field
 
+    snapshots = []
+    t0 = time.perf_counter()
     with torch.enable_grad():
-        for _ in range(steps):
+        for step in range(wanted[-1] + 1):
+            if step in wanted:
+                with torch.no_grad():
+                    snapshots.append(IterativeSnapshot(step, time.perf_counter() - t0, displacement()))
+            if step == wanted[-1]:
+                break
             u = displacement()
             loss = loss_fn(fixed, spatial.warp(moving, u), u)["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    with torch.no_grad():
-        return displacement()
+    return snapshots
+
+
+def register_iterative(moving: torch.Tensor, fixed: torch.Tensor, loss_fn: RegistrationLoss | None = None, *,
+                       steps: int = 150, **options: Any) -> torch.Tensor:
+    """The field after ``steps`` steps of :func:`iterative_path` (same options); returns u (B, 3, D, H, W)."""
+    return iterative_path(moving, fixed, loss_fn, at_steps=(steps,), **options)[-1].displacement
 
 
 def register_affine(moving: torch.Tensor, fixed: torch.Tensor, *, similarity: str = "mse", steps: int = 100,

@@ -126,6 +126,11 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
     return torch.linalg.det(jac)                                        # (B, *S)
 
 
+
+def folding_fraction(displacement: torch.Tensor) -> torch.Tensor:
+    """The share of voxels where the map folds (det J <= 0), per volume: (B,) in [0, 1]."""
+    return (jacobian_determinant(displacement) <= 0).flatten(1).float().mean(dim=1)
+
 # ----------------------------------------------------------------------------------------------
 # Smoothing and random fields
 # ----------------------------------------------------------------------------------------------

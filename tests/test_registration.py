@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from gen3d_lessons import spatial
 from gen3d_lessons.models.registration import RegistrationConfig, VoxelMorph, similarity_force
-from gen3d_lessons.register import Registered, register, register_affine, register_iterative, warp_labels
+from gen3d_lessons.register import Registered, iterative_path, register, register_affine, register_iterative, warp_labels
 from gen3d_lessons.training import load_model, save_model
-from gen3d_lessons.training.registration import RegistrationLoss, atlas_batches, registration_step
+from gen3d_lessons.training.registration import RegistrationLoss, atlas_batches, pair_batches, registration_step
 
 N = 16
 
@@ -163,6 +163,18 @@ def test_atlas_batches_pair_the_atlas_with_random_subjects():
         atlas_batches(atlas, atlas_p, images, labels[:4], batch_size=3)
 
 
+def test_pair_batches_keep_pairs_together():
+    moving = torch.arange(5.0).view(5, 1, 1, 1, 1).expand(5, 1, 4, 4, 4)
+    fixed, labels = moving + 10, torch.rand(5, 3, 4, 4, 4)
+    b = next(pair_batches(moving, fixed, labels, labels, batch_size=4, generator=_gen(0)))
+    assert b["moving"].shape == (4, 1, 4, 4, 4) and b["fixed_labels"].shape == (4, 3, 4, 4, 4)
+    assert torch.equal(b["fixed"], b["moving"] + 10)                     # the i-th moving goes with the i-th fixed
+    with pytest.raises(ValueError, match="fixed"):
+        pair_batches(moving, fixed[:4], labels, labels, batch_size=2)
+    with pytest.raises(ValueError, match="fixed_labels"):
+        pair_batches(moving, fixed, labels, labels[:, :, :2], batch_size=2)
+
+
 # 3. The classical optimisers and warp_labels --------------------------------------------------------
 
 def test_iterative_registration_recovers_a_shift_without_folding():
@@ -178,11 +190,30 @@ def test_iterative_registration_recovers_a_shift_without_folding():
         register_iterative(moving, fixed, RegistrationLoss(dice=1.0))
 
 
+def test_iterative_path_keeps_every_shorter_run_on_the_way():
+    moving, fixed = _blob(), _blob(shift=(1.5, 0.0, -1.0))
+    loss = RegistrationLoss(smoothness=0.01)
+    path = iterative_path(moving, fixed, loss, at_steps=(10, 0, 3), grid=8, lr=0.1)
+    assert [s.step for s in path] == [0, 3, 10]
+    assert torch.equal(path[0].displacement, torch.zeros(1, 3, N, N, N))        # step 0: the identity map
+    assert path[0].seconds <= path[1].seconds <= path[2].seconds
+    assert torch.allclose(path[1].displacement, register_iterative(moving, fixed, loss, grid=8, lr=0.1, steps=3), atol=1e-6)
+    with pytest.raises(ValueError, match="at_steps"):
+        iterative_path(moving, fixed, loss, at_steps=())
+
+
 def test_affine_registration_recovers_a_translation():
     moving, fixed = _blob(), _blob(shift=(2.0, -1.0, 0.0))
     matrix, u = register_affine(moving, fixed, steps=80, lr=0.02)
     assert torch.allclose(matrix[0, :, 3], torch.tensor([-2.0, 1.0, 0.0]), atol=0.4)
     assert u.shape == (1, 3, N, N, N)
+
+
+def test_folding_fraction_counts_folded_voxels():
+    assert spatial.folding_fraction(torch.zeros(2, 3, 6, 6, 6)).tolist() == [0.0, 0.0]
+    flip = -2 * spatial.identity_grid((6, 6, 6))[:, :1].expand(1, 1, 6, 6, 6)   # x -> -x along the first axis
+    u = torch.cat([flip, torch.zeros(1, 2, 6, 6, 6)], 1)
+    assert spatial.folding_fraction(u).item() == 1.0
 
 
 def test_warp_labels_keeps_labels_under_identity_and_needs_num_classes():

@@ -109,3 +109,28 @@ def atlas_batches(atlas: torch.Tensor, atlas_labels: torch.Tensor, images: torch
                    "fixed_labels": F.one_hot(labels[i].long(), k).movedim(-1, 1).float()}   # (B, K, *S)
 
     return batches()
+
+
+def pair_batches(moving: torch.Tensor, fixed: torch.Tensor, moving_labels: torch.Tensor, fixed_labels: torch.Tensor, *,
+                 batch_size: int, generator: torch.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches of matched pairs (moving[i] to fixed[i]), e.g. each heart's ED frame to its ES frame.
+
+    ``moving``, ``fixed`` (N, C, *S); their labels (N, K, *S) as one-hot maps or class fractions.
+    Each batch draws ``batch_size`` pair indices at random (with ``generator``) and yields the dict
+    :func:`registration_step` reads.
+    """
+    n = moving.shape[0]
+    if fixed.shape != moving.shape:
+        raise ValueError(f"fixed: expected the moving images' shape {tuple(moving.shape)}, got {tuple(fixed.shape)}")
+    for name, lab in (("moving_labels", moving_labels), ("fixed_labels", fixed_labels)):
+        if lab.ndim != moving.ndim or lab.shape[0] != n or lab.shape[2:] != moving.shape[2:]:
+            raise ValueError(f"{name}: expected (N, K, *S) = ({n}, K, {', '.join(map(str, moving.shape[2:]))}), "
+                             f"got {tuple(lab.shape)}")
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            i = torch.randint(0, n, (batch_size,), generator=generator)
+            yield {"moving": moving[i], "fixed": fixed[i], "moving_labels": moving_labels[i],
+                   "fixed_labels": fixed_labels[i]}
+
+    return batches()
