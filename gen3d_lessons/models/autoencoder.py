@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .vae import _down, _up
+from .vae import _down, _up, check_pyramid
 
 
 @dataclass
@@ -44,11 +44,7 @@ class AEConfig:
         self.channels = tuple(int(c) for c in self.channels)
         if self.in_channels < 1 or self.latent_dim < 1 or not self.channels or min(self.channels) < 1:
             raise ValueError(f"AEConfig: in_channels, latent_dim and channels must be positive, got {self}")
-        if any(c % self.groups for c in self.channels):
-            raise ValueError(f"AEConfig: groups={self.groups} must divide every channel count {self.channels}")
-        if self.size % 2 ** len(self.channels) or self.size < 2 ** len(self.channels):
-            raise ValueError(f"AEConfig: size {self.size} must be a multiple of 2**len(channels) = "
-                             f"{2 ** len(self.channels)}")
+        check_pyramid("AEConfig", self.channels, self.groups, self.size)
 
     @property
     def bottleneck(self) -> int:

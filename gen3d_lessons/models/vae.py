@@ -42,16 +42,20 @@ class VAEConfig:
         if self.in_channels < 1 or self.latent_dim < 1 or self.cond_dim < 0 or not self.channels:
             raise ValueError(f"VAEConfig: in_channels, latent_dim and channels must be positive and "
                              f"cond_dim >= 0, got {self}")
-        if any(c % self.groups for c in self.channels):
-            raise ValueError(f"VAEConfig: groups={self.groups} must divide every channel count {self.channels}")
-        if self.size % 2 ** len(self.channels) or self.size < 2 ** len(self.channels):
-            raise ValueError(f"VAEConfig: size {self.size} must be a multiple of 2**len(channels) = "
-                             f"{2 ** len(self.channels)}")
+        check_pyramid("VAEConfig", self.channels, self.groups, self.size)
 
     @property
     def bottleneck(self) -> int:
         """Edge of the coarsest feature map."""
         return self.size // 2 ** len(self.channels)
+
+
+def check_pyramid(name: str, channels: tuple[int, ...], groups: int, size: int) -> None:
+    """Raise unless GroupNorm's ``groups`` divide every width and ``size`` halves once per width."""
+    if any(c % groups for c in channels):
+        raise ValueError(f"{name}: groups={groups} must divide every channel count {channels}")
+    if size % 2 ** len(channels) or size < 2 ** len(channels):
+        raise ValueError(f"{name}: size {size} must be a multiple of 2**len(channels) = {2 ** len(channels)}")
 
 
 def _down(c_in: int, c_out: int, groups: int) -> nn.Sequential:
