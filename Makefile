@@ -3,6 +3,7 @@
 #   make book              install (once), make the data (once), run every chapter, build _build/html
 #   make test              install (once), unit tests + every chapter in the smoke profile
 #   make chapter N=1       run one chapter (PROFILE=smoke|cpu|gpu to choose; default by machine)
+#   make dryrun            every chapter with the gpu profile's sizes, two steps per loop
 #   make browser           check the built site in headless Chromium
 #   make data | report | serve | clean | distclean
 #
@@ -29,7 +30,7 @@ DATA_SEED ?= 0
 
 PROFILE_ARG := $(if $(PROFILE),--profile $(PROFILE))
 
-.PHONY: book test chapter data report browser serve install clean distclean help
+.PHONY: book test dryrun chapter data report browser serve install clean distclean help
 
 help:
 	@sed -n '3,10p' Makefile | sed 's/^# \{0,1\}//'
@@ -68,6 +69,11 @@ report: | $(STAMP)
 test: $(STAMP) data
 	@$(PY) -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+## The gpu profile's shapes and configs, on any machine: two steps per training or sampling loop.
+dryrun: $(STAMP) data
+	@GEN3D_MAX_STEPS=2 $(PY) -m pytest -m dryrun tests/test_notebooks.py; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make dryrun: no chapter ran" >&2; exit 1; fi; exit $$rc
 
 ## The built site in headless Chromium (needs `make book` first and /usr/bin/chromium).
 browser: | $(STAMP)

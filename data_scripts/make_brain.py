@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # let "python data_scripts/make_brain.py" find the library uninstalled
     sys.path.insert(0, str(ROOT))
 
-from gen3d_lessons.data.brain import make_brain_dataset  # noqa: E402
+from gen3d_lessons.data import write_dataset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,11 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    try:
-        out = make_brain_dataset(args.out, n=args.n, size=args.size, seed=args.seed,
-                                 test_fraction=args.test_fraction, lesion_fraction=args.lesion_fraction)
-    except ValueError as err:  # bad arguments (DataError is a ValueError too): one clear line, no traceback
-        parser.error(str(err))
+    try:      # atomic, and refuses a folder that holds anything but a dataset gen3d wrote
+        out = write_dataset("brain", args.out, force=True, n=args.n, size=args.size, seed=args.seed,
+                            test_fraction=args.test_fraction, lesion_fraction=args.lesion_fraction)
+    except (ValueError, OSError) as err:   # bad arguments, a foreign or unwritable folder: one clear line
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(f"wrote {args.n} brains of {args.size}^3 to {out.resolve()} in {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout, uninstalled
 
-from gen3d_lessons.data.heart import make_heart_dataset  # noqa: E402
+from gen3d_lessons.data import write_dataset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -29,11 +29,11 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    try:
-        out = make_heart_dataset(args.out, n=args.n, size=args.size, frames=args.frames, seed=args.seed,
-                                 test_fraction=args.test_fraction, progress=True)
-    except ValueError as error:                  # bad arguments: one line, no traceback
-        parser.error(str(error))
+    try:      # atomic, and refuses a folder that holds anything but a dataset gen3d wrote
+        out = write_dataset("heart", args.out, force=True, n=args.n, size=args.size, frames=args.frames,
+                            seed=args.seed, test_fraction=args.test_fraction, progress=True)
+    except (ValueError, OSError) as error:       # bad arguments, a foreign or unwritable folder: one line
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(f"{args.n} heart subjects ({args.size}^3 x {args.frames} frames) in "
           f"{time.perf_counter() - start:.1f} s -> {out}")
     return out

@@ -18,6 +18,7 @@ The environment a chapter runs in:
     GEN3D_RESULTS_DIR   where :func:`record` writes (default ``<root>/_build/results``)
     GEN3D_DATA          where the datasets live (default ``<root>/data``)
     GEN3D_CHAPTER       the chapter's file name (``ch01_volumes``), used to name its result
+    GEN3D_MAX_STEPS     a dry run: every training and sampling loop stops after this many steps
 
 Nothing here imports torch or the rest of the library at import time.
 """
@@ -49,6 +50,7 @@ DATA_ENV = "GEN3D_DATA"     # read by gen3d_lessons.data.data_root()
 BUILD_ENV = "GEN3D_BUILD_DIR"   # where runs and builds write (default <root>/_build); must end in _build
 PROFILE_ENV = "GEN3D_PROFILE"
 CHAPTER_ENV = "GEN3D_CHAPTER"
+MAX_STEPS_ENV = "GEN3D_MAX_STEPS"   # a dry run's step cap (profiles.step_cap): nothing is checked
 STATIC_ENV = "GEN3D_STATIC"
 REPORT_DOCNAME = "book/report"    # the run-report page, generated into the staged sources
 
@@ -250,85 +252,156 @@ def results_dir() -> Path:
     return Path(env) if env else find_root() / "_build" / "results"
 
 
-def record(chapter: str, headline: dict | None, metrics: dict | None = None, run: Any = None):
-    """Write a chapter's result and check its headline metric against the profile's threshold.
+CHECK_KEYS = {"metric", "value", "gate", "goal", "higher_is_better"}
 
-    ``headline`` is ``dict(metric=..., value=..., threshold=..., higher_is_better=True)`` or
-    ``None`` for a chapter without a threshold. ``threshold`` may be a number or a mapping
-    ``{profile: number}``. ``metrics`` holds any other numbers worth keeping. ``run`` is the
-    object ``profiles.setup`` returned (its ``profile`` is used; else ``$GEN3D_PROFILE``).
 
-    In every profile but ``smoke`` a value on the wrong side of the threshold raises
-    ``AssertionError`` (after the result is written, so the report can show the failure).
-    Returns a small table (a pandas DataFrame) to display.
+def record(chapter: str, headline: dict | None, metrics: dict | None = None, run: Any = None,
+           checks: Sequence[dict] = ()):
+    """Write a chapter's result and check its gates; report its goals as met or not.
+
+    ``headline`` is ``dict(metric=..., value=..., gate=..., goal=..., higher_is_better=True)``
+    (or ``None`` for a chapter that measures nothing); ``checks`` holds the chapter's other
+    comparisons in the same form — every comparison its text makes. For each of them:
+
+    - the **goal** is what the book aims for (a number, or ``True`` for a yes/no check). It is
+      the same in every profile, shown as met or not met, and never fails the chapter;
+    - the **gate** is what this profile must reach (a number, ``True``, or a mapping
+      ``{profile: number}``; ``None``: no gate). It is a regression guard from measured runs
+      and may never be stricter than the goal. A missed gate fails the chapter.
+
+    ``metrics`` holds any other numbers worth keeping; ``run`` is what ``profiles.setup``
+    returned (its ``name`` is the profile; else ``$GEN3D_PROFILE``). Nothing is checked in the
+    ``smoke`` profile or in a dry run (``$GEN3D_MAX_STEPS``): a few steps say nothing about
+    learning. After writing ``<chapter>.json``, a missed gate raises ``AssertionError`` naming
+    every miss. Returns a table (a pandas DataFrame) of the checks and metrics to display.
     """
     profile = _profile_of(run)
     name = os.environ.get(CHAPTER_ENV) or str(chapter)
+    dry_run = os.environ.get(MAX_STEPS_ENV) or None
+    checked = profile != "smoke" and dry_run is None
+    rows = ([] if headline is None else [_check(headline, "headline", profile, checked)])
+    rows += [_check(c, f"checks[{i}]", profile, checked) for i, c in enumerate(checks)]
+    with_goal = [c for c in rows if c["goal"] is not None]
+    gates = [c["passed"] for c in rows if c["passed"] is not None]
+    head = rows[0] if headline is not None else None
     result: dict[str, Any] = {
         "chapter": name,
         "label": str(chapter),
         "profile": profile,
-        "metric": None,
-        "value": None,
-        "threshold": None,
-        "higher_is_better": True,
-        "passed": None,            # None: nothing checked (smoke profile, or no threshold)
+        "dry_run": None if dry_run is None else int(dry_run) if dry_run.isdigit() else dry_run,
+        "metric": head and head["metric"],
+        "value": head and head["value"],
+        "gate": head and head["gate"],
+        "goal": head and head["goal"],
+        "higher_is_better": True if head is None else head["higher_is_better"],
+        "passed": all(gates) if gates else None,          # None: no gate checked
+        # one goal: met or not; several: a list in the order of the checks
+        "goal_met": (None if not with_goal else with_goal[0]["goal_met"] if len(with_goal) == 1
+                     else [c["goal_met"] for c in with_goal]),
+        "checks": rows,
         "metrics": _jsonable(metrics or {}),
         "run": _run_summary(run),
         "recorded_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    if headline is not None:
-        unknown = set(headline) - {"metric", "value", "threshold", "higher_is_better"}
-        if unknown or "metric" not in headline or "value" not in headline:
-            raise ValueError("headline needs metric and value (and optionally threshold, "
-                             f"higher_is_better); got keys {sorted(headline)}")
-        threshold = headline.get("threshold")
-        if isinstance(threshold, dict):
-            threshold = threshold.get(profile)
-        result.update(
-            metric=str(headline["metric"]),
-            value=_number(headline["value"]),
-            threshold=None if threshold is None else _number(threshold),
-            higher_is_better=bool(headline.get("higher_is_better", True)),
-        )
-        if result["threshold"] is not None and profile != "smoke":
-            result["passed"] = passes(result["value"], result["threshold"],
-                                      result["higher_is_better"])
 
     out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / f"{name}.json", result)
 
-    if result["passed"] is False:
-        sign = ">=" if result["higher_is_better"] else "<="
-        raise AssertionError(
-            f"{name}: {result['metric']} = {_fmt(result['value'])} misses the {profile} "
-            f"threshold (needs {sign} {_fmt(result['threshold'])})")
+    missed = [c for c in rows if c["passed"] is False]
+    if missed:
+        raise AssertionError(f"{name}: " + "; ".join(
+            f"{c['metric']} = {_fmt(c['value'])} misses the {profile} gate ({_bound_text(c, 'gate')})"
+            for c in missed))
     return result_table(result)
 
 
-def passes(value: float | None, threshold: float, higher_is_better: bool = True) -> bool:
-    """Is ``value`` on the right side of ``threshold``? NaN and None never pass."""
+def _check(spec: Any, where: str, profile: str, checked: bool) -> dict:
+    """One headline or check, validated, with its gate passed or not and its goal met or not."""
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"{where}: expected a dict(metric=..., value=..., gate=..., goal=...), "
+                         f"got {type(spec).__name__}")
+    if "threshold" in spec:
+        raise ValueError(f"{where}: 'threshold' is now 'gate' (what the profile must reach) and "
+                         "'goal' (what the book aims for)")
+    unknown = set(spec) - CHECK_KEYS
+    if unknown or "metric" not in spec or "value" not in spec:
+        raise ValueError(f"{where} needs metric and value (and optionally gate, goal, higher_is_better); "
+                         f"got keys {sorted(spec)}")
+    gate = spec.get("gate")
+    if isinstance(gate, Mapping):
+        gate = gate.get(profile)
+    higher = bool(spec.get("higher_is_better", True))
+    value, gate, goal = (_number(spec["value"]), _number(gate), _number(spec.get("goal")))
+    if gate is not None and goal is not None and passes(gate, goal, higher) and gate != goal:
+        raise ValueError(f"{where} ({spec['metric']}): the gate {_fmt(gate)} is stricter than the goal "
+                         f"{_fmt(goal)}; a gate guards against regressions and never asks more than the goal")
+    return {
+        "metric": str(spec["metric"]),
+        "value": value,
+        "gate": gate,
+        "goal": goal,
+        "higher_is_better": higher,
+        "passed": passes(value, gate, higher) if checked and gate is not None else None,
+        "goal_met": passes(value, goal, higher) if checked and goal is not None else None,
+    }
+
+
+def passes(value: float | bool | None, bound: float | bool, higher_is_better: bool = True) -> bool:
+    """Is ``value`` on the right side of ``bound`` (inclusive)? NaN and None never pass."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return False
-    return value >= threshold if higher_is_better else value <= threshold
+    return value >= bound if higher_is_better else value <= bound
+
+
+def _bound_text(row: Mapping, key: str) -> str:
+    bound = row.get(key)
+    if bound is None:
+        return "-"
+    if isinstance(bound, bool):
+        return "yes" if bound else "no"
+    return (">= " if row.get("higher_is_better", True) else "<= ") + _fmt(bound)
+
+
+def _verdict(flag: bool | None, yes: str, no: str) -> str:
+    return "-" if flag is None else (yes if flag else no)
+
+
+def goal_text(goal_met: bool | list | None) -> str:
+    """A row's ``goal_met`` in words: "met", "not met", "2 of 3 met" or "-"."""
+    if isinstance(goal_met, list):
+        known = [g for g in goal_met if g is not None]
+        return f"{sum(known)} of {len(goal_met)} met" if known else "-"
+    return _verdict(goal_met, "met", "not met")
+
+
+def glue_values(**values: Any) -> None:
+    """Glue numbers (or strings) for the prose: ``glue_values(dice=0.87)``, then
+    ``{glue:text}`dice:.3f``` in a markdown cell. Silent (nothing is displayed)."""
+    from myst_nb import glue
+
+    for key, value in values.items():
+        glue(key, _number(value) if hasattr(value, "item") else value, display=False)
+
+
+def glue_choice(key: str, condition: Any, if_true: str, if_false: str) -> str:
+    """Glue the wording that this run's values choose: ``glue_choice("vs_pca", ae > pca,
+    "beats", "does not beat")``, then ``{glue:text}`vs_pca``` in a sentence. Returns it."""
+    text = if_true if bool(condition) else if_false
+    glue_values(**{key: text})
+    return text
 
 
 def result_table(result: dict):
-    """The headline and the other metrics of one result as a DataFrame (metric, value, ...)."""
+    """A result's checks (value, gate, goal, verdicts) and its other metrics as a DataFrame."""
     import pandas as pd
 
-    rows = []
-    if result.get("metric") is not None:
-        rows.append({
-            "metric": result["metric"],
-            "value": result["value"],
-            "threshold": _threshold_text(result),
-            "check": _check_text(result),
-        })
+    rows = [{"metric": c["metric"], "value": c["value"], "gate": _bound_text(c, "gate"),
+             "gate passed": _verdict(c["passed"], "pass", "FAIL"), "goal": _bound_text(c, "goal"),
+             "goal met": _verdict(c["goal_met"], "met", "not met")} for c in result.get("checks") or []]
     for key, value in (result.get("metrics") or {}).items():
-        rows.append({"metric": key, "value": value, "threshold": "", "check": ""})
-    table = pd.DataFrame(rows, columns=["metric", "value", "threshold", "check"])
+        rows.append({"metric": key, "value": value, "gate": "", "gate passed": "", "goal": "", "goal met": ""})
+    table = pd.DataFrame(rows, columns=["metric", "value", "gate", "gate passed", "goal", "goal met"])
     table.attrs["chapter"] = result.get("chapter")
     return table.set_index("metric")
 
@@ -356,11 +429,13 @@ def _run_summary(run: Any) -> dict | None:
     return _jsonable(items)
 
 
-def _number(value: Any) -> float | None:
+def _number(value: Any) -> float | bool | None:
     if value is None:
         return None
     if hasattr(value, "item"):          # numpy / torch scalars
         value = value.item()
+    if isinstance(value, bool):         # a yes/no check stays yes/no
+        return value
     return float(value)
 
 
@@ -413,11 +488,15 @@ class ChapterRun:
     status: str = "not run"      # pass | fail | error | ran (nothing to check) | not run
     metric: str | None = None
     value: float | None = None
-    threshold: float | None = None
+    gate: float | None = None    # what this profile must reach (the headline's)
     higher_is_better: bool = True
     error: str | None = None
     executed: str | None = None
     metrics: dict = field(default_factory=dict)
+    goal: float | None = None    # what the book aims for (the headline's)
+    goal_met: bool | list | None = None   # a list where the chapter has several goals
+    checks: list = field(default_factory=list)
+    dry_run: int | None = None   # the step cap of a dry run
 
     @property
     def ok(self) -> bool:
@@ -497,7 +576,11 @@ def run_chapter(chapter: Chapter, profile: str, paths: BookPaths | None = None, 
         result = json.loads(result_file.read_text())
         row.metric = result.get("metric")
         row.value = result.get("value")
-        row.threshold = result.get("threshold")
+        row.gate = result.get("gate")
+        row.goal = result.get("goal")
+        row.goal_met = result.get("goal_met")
+        row.checks = result.get("checks") or []
+        row.dry_run = result.get("dry_run")
         row.higher_is_better = result.get("higher_is_better", True)
         row.metrics = result.get("metrics") or {}
         if result.get("passed") is False:
@@ -518,7 +601,7 @@ def run_chapter(chapter: Chapter, profile: str, paths: BookPaths | None = None, 
 # The run report
 # ---------------------------------------------------------------------------------------------
 
-REPORT_COLUMNS = ("chapter", "profile", "seconds", "metric", "value", "threshold", "result")
+REPORT_COLUMNS = ("chapter", "profile", "seconds", "metric", "value", "gate", "goal", "goal met", "result")
 
 
 def machine_summary() -> dict:
@@ -587,23 +670,16 @@ def merge_rows(fresh: Sequence[ChapterRun], previous: Sequence[ChapterRun],
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
 
 
-def _threshold_text(row: dict) -> str:
-    if row.get("threshold") is None:
-        return "-"
-    return (">= " if row.get("higher_is_better", True) else "<= ") + _fmt(row["threshold"])
-
-
-def _check_text(row: dict) -> str:
-    passed = row.get("passed")
-    return "-" if passed is None else ("pass" if passed else "FAIL")
-
-
 def _status_text(row: ChapterRun) -> str:
+    if row.status == "ran" and row.dry_run is not None:
+        return f"ok (dry run, {row.dry_run} steps)"
     return {"pass": "pass", "fail": "FAIL", "error": "ERROR", "ran": "ok (not checked)",
             "not run": "not run"}.get(row.status, row.status)
 
@@ -616,7 +692,9 @@ def report_cells(row: ChapterRun) -> list[str]:
         "-" if row.seconds is None else f"{row.seconds:.1f}",
         row.metric or "-",
         _fmt(row.value),
-        _threshold_text(asdict(row)),
+        _bound_text(asdict(row), "gate"),
+        _bound_text(asdict(row), "goal"),
+        goal_text(row.goal_met),
         _status_text(row),
     ]
 
@@ -648,16 +726,19 @@ def report_markdown(report: dict, pages: set[str] | None = None) -> str:
     """
     rows = rows_of(report)
     machine = report.get("machine") or {}
-    head = "| chapter | profile | seconds | headline metric | value | threshold | result |"
+    head = "| chapter | profile | seconds | headline metric | value | gate | goal | goal met | result |"
     lines = [
         "# Run report",
         "",
         "Every chapter of this book was executed top to bottom before the site was built. "
         "This page is written by the build itself: it lists the profile each chapter ran in, "
-        "how long it took and the headline number it checks against its threshold.",
+        "how long it took, and its headline number next to two bounds. The **gate** is what the "
+        "profile must reach for the chapter to pass: a guard against regressions, set from "
+        "measured runs. The **goal** is what the book aims for; it is the same in every profile, "
+        "and a missed goal is reported here, not hidden. A chapter's own page lists all its goals.",
         "",
         head,
-        "|" + "---|" * 7,
+        "|" + "---|" * len(REPORT_COLUMNS),
     ]
     for row in rows:
         cells = report_cells(row)
@@ -675,8 +756,8 @@ def report_markdown(report: dict, pages: set[str] | None = None) -> str:
     if report.get("created"):
         lines.append(f"- built: {report['created']}")
     lines += ["", "Profiles: `smoke` only checks that a chapter runs; `cpu` and `gpu` train "
-              "for real and check thresholds. See the introduction for how to run a chapter "
-              "yourself.", ""]
+              "for real, fail on a missed gate and report their goals. See the introduction for "
+              "how to run a chapter yourself.", ""]
     return "\n".join(lines)
 
 
@@ -926,7 +1007,12 @@ def offsite_assets(html: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 def default_profile() -> str:
-    """``gpu`` where CUDA works, else ``cpu``."""
+    """``$GEN3D_PROFILE`` if set, else ``gpu`` where CUDA works, else ``cpu``."""
+    env = (os.environ.get(PROFILE_ENV) or "").strip().lower()
+    if env:
+        if env not in PROFILES:
+            raise ValueError(f"{PROFILE_ENV}: unknown profile {env!r}; expected one of {', '.join(PROFILES)}")
+        return env
     try:
         import torch
 

@@ -5,6 +5,9 @@
     gen3d run 1 [--profile cpu]
     gen3d book [--profile cpu] [--only 1,2] [--no-build | --no-run]
     gen3d report [--json]
+
+Every user error (a bad argument, a missing or foreign folder, a corrupt file) is one line on
+stderr and exit status 2; ``gen3d --debug ...`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ DATASETS = ("brain", "heart")
 
 def _make_dataset(kind: str, out: Path, args: argparse.Namespace) -> None:
     """Write one phantom dataset into ``out`` (atomically: see :func:`data.write_dataset`)."""
-    from .data import _complete, write_dataset
+    from .data import _complete, check_params, write_dataset
 
-    if not args.force and _complete(out, args.n):
+    params = dict(n=args.n, size=args.size, seed=args.seed) | (dict(frames=args.frames) if kind == "heart" else {})
+    check_params(kind, params)                      # before anything is looked at or written
+    if not args.force and out.is_dir() and _complete(out, args.n):
         print(f"{kind}: {out} exists, skipping (--force to remake it)")
         return
     start = time.perf_counter()
-    params = dict(n=args.n, size=args.size, seed=args.seed) | (dict(frames=args.frames) if kind == "heart" else {})
     write_dataset(kind, out, force=args.force, **params)
     print(f"{kind}: wrote {out} ({args.n} subjects, {args.size}^3, "
           f"{time.perf_counter() - start:.1f} s)")
@@ -90,6 +94,7 @@ def parser() -> argparse.ArgumentParser:
                                   "print the report.")
     top.add_argument("--root", default=None,
                      help="the book's folder (the one with _toc.yml); found automatically")
+    top.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = top.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="make the synthetic brain and heart datasets")
@@ -127,13 +132,31 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def error_line(exc: BaseException) -> str:
+    """One line that says what went wrong and where, for any error a user can cause."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename if exc.filename is not None else ""
+        return f"{where}: {exc.strerror}" if where else exc.strerror
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if args.root is not None and not (Path(args.root) / "_toc.yml").is_file():
+            raise FileNotFoundError(f"--root {args.root}: no _toc.yml there; give the book's folder")
         return args.func(args)
-    except (KeyError, FileNotFoundError) as exc:
-        print(f"gen3d: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, AssertionError) as exc:   # DataError is a ValueError
+        if args.debug:
+            raise
+        print(f"gen3d: {error_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("gen3d: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

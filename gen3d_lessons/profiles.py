@@ -20,6 +20,12 @@ The three profiles:
 
 ``setup`` also seeds every random generator and fixes the number of CPU threads, so that two
 runs of a chapter in the same profile tell the same story.
+
+**The dry run.** ``GEN3D_MAX_STEPS=2`` caps every training loop (:func:`~gen3d_lessons.training.fit`)
+and every sampling loop at two steps (:func:`step_cap`). A chapter then runs with its profile's
+sizes and models in seconds — that is how the ``gpu`` profile's shapes and configs are tested on
+a machine without a GPU — and its result cell checks no gate and no goal (a capped run proves
+that the code runs, not that it learns).
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ PROFILES = ("smoke", "cpu", "gpu")
 
 # Names that belong to Run itself; a setting with one of these names could never be read
 # through ``run.<name>``, so setup() refuses it.
-_RUN_FIELDS = ("name", "device", "seed", "threads", "settings", "checks_thresholds", "get", "describe")
+_RUN_FIELDS = ("name", "device", "seed", "threads", "settings", "checks_thresholds", "dry_run", "model_suffix",
+               "get", "describe")
 
 
 # 1. Which profile ----------------------------------------------------------------------------
@@ -59,7 +66,32 @@ def pick_profile(requested: str | None = None) -> str:
     return requested.strip().lower()
 
 
-# 2. Reproducibility: seeds and threads -------------------------------------------------------
+# 2. The dry run's step cap ------------------------------------------------------------------
+
+MAX_STEPS_ENV = "GEN3D_MAX_STEPS"
+
+
+def max_steps_cap() -> int | None:
+    """The step cap of a dry run (env ``GEN3D_MAX_STEPS``), or None in an ordinary run."""
+    raw = os.environ.get(MAX_STEPS_ENV)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        cap = int(raw)
+    except ValueError:
+        cap = 0
+    if cap < 1:
+        raise ValueError(f"{MAX_STEPS_ENV}: expected a positive integer, got {raw!r}")
+    return cap
+
+
+def step_cap(steps: int) -> int:
+    """``steps``, or fewer in a dry run: the number of iterations a loop should really take."""
+    cap = max_steps_cap()
+    return int(steps) if cap is None else min(int(steps), cap)
+
+
+# 3. Reproducibility: seeds and threads -------------------------------------------------------
 
 def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, NumPy's global generator and torch (CPU and every GPU).
@@ -104,7 +136,7 @@ def _pick_device(profile: str) -> torch.device:
     return torch.device("cpu")
 
 
-# 3. The run ----------------------------------------------------------------------------------
+# 4. The run ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Run:
@@ -122,11 +154,26 @@ class Run:
 
     @property
     def checks_thresholds(self) -> bool:
-        """Whether the chapter's result cell compares its metrics with thresholds.
+        """Whether the chapter's result cell checks its gates and goals.
 
-        Not in ``smoke``: a few steps on 16³ volumes prove the code runs, not that it learns.
+        Not in ``smoke`` nor in a dry run (``GEN3D_MAX_STEPS``): a few steps prove that the code
+        runs, not that it learns.
         """
-        return self.name != "smoke"
+        return self.name != "smoke" and max_steps_cap() is None
+
+    @property
+    def dry_run(self) -> bool:
+        """A dry run (``GEN3D_MAX_STEPS`` set): every loop is capped, nothing is checked."""
+        return max_steps_cap() is not None
+
+    @property
+    def model_suffix(self) -> str:
+        """What a saved model's file name carries, so that a throw-away model never replaces a
+        trained one: ``""`` for a real ``cpu`` or ``gpu`` run, ``"_smoke"``, or ``"_<profile>_dryrun"``.
+        ``data_root() / "models" / f"ch04_vae{run.model_suffix}.pt"``."""
+        if self.dry_run:
+            return f"_{self.name}_dryrun"
+        return "_smoke" if self.name == "smoke" else ""
 
     def __getattr__(self, key: str) -> Any:
         # Only called when normal attribute lookup fails. Guard dunders and "settings" itself,
@@ -154,12 +201,15 @@ def setup(profile: str | None = None, *, seed: int = 0,
           smoke: Mapping[str, Any] | None = None,
           cpu: Mapping[str, Any] | None = None,
           gpu: Mapping[str, Any] | None = None,
+          dry: Mapping[str, Any] | None = None,
           verbose: bool = True) -> Run:
     """Pick the profile, seed everything, set the threads, and return the chapter's :class:`Run`.
 
     ``smoke``, ``cpu`` and ``gpu`` are the settings of each profile (sizes, budgets,
-    thresholds); only the chosen profile's settings must be given. Prints one line describing
-    the run unless ``verbose=False``.
+    thresholds); only the chosen profile's settings must be given. ``dry`` overrides a few of
+    them in a dry run only (``GEN3D_MAX_STEPS``): fewer subjects to make and score, never other
+    shapes or models, so that a dry run of the ``gpu`` profile stays a matter of minutes on a CPU.
+    Prints one line describing the run unless ``verbose=False``.
     """
     # 1. which profile, and its settings
     name = pick_profile(profile)
@@ -172,6 +222,11 @@ def setup(profile: str | None = None, *, seed: int = 0,
         raise ValueError(f"{name}: no settings were given for profile {name!r}; "
                          f"pass {name}=dict(...) to setup()")
     settings = dict(chosen)
+    if dry is not None and max_steps_cap() is not None:
+        unknown = set(dry) - set(settings)
+        if unknown:
+            raise ValueError(f"dry: {sorted(unknown)} are not settings of profile {name!r}")
+        settings.update(dry)
     for key in settings:
         if not isinstance(key, str) or not key.isidentifier():
             raise ValueError(f"{name}: setting names must be Python identifiers, got {key!r}")

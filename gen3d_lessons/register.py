@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import spatial
 from .data.io import check_volume
 from .training.registration import RegistrationLoss
+from .profiles import step_cap
 
 
 # 1. Classical optimisers, one pair (or a batch of independent pairs) at a time ----------------
@@ -73,6 +74,8 @@ def iterative_path(moving: torch.Tensor, fixed: torch.Tensor, loss_fn: Registrat
                     snapshots.append(IterativeSnapshot(step, time.perf_counter() - t0, displacement()))
             if step == wanted[-1]:
                 break
+            if step >= step_cap(wanted[-1]):           # a dry run keeps the field and takes no more steps
+                continue
             u = displacement()
             loss = loss_fn(fixed, spatial.warp(moving, u), u)["loss"]
             optimizer.zero_grad(set_to_none=True)
@@ -109,7 +112,7 @@ def register_affine(moving: torch.Tensor, fixed: torch.Tensor, *, similarity: st
         return eye + delta * scale
 
     with torch.enable_grad():
-        for _ in range(steps):
+        for _ in range(step_cap(steps)):                               # fewer in a dry run
             u = spatial.affine_displacement(matrix(), shape)
             loss = loss_fn(fixed_s, spatial.warp(moving_s, u), u)["loss"]
             optimizer.zero_grad(set_to_none=True)
@@ -154,8 +157,9 @@ def _as_batch(volume: Any, name: str) -> torch.Tensor:
     check_volume(volume, name, ndim=(3, 4))
     x = volume.detach().float().cpu() if isinstance(volume, torch.Tensor) else torch.from_numpy(
         np.ascontiguousarray(volume, dtype=np.float32))
-    if min(x.shape[:3]) < 2:
-        raise ValueError(f"{name}: every spatial axis needs at least 2 voxels, got shape {tuple(x.shape)}")
+    check_volume(x, f"{name} (as float32)")                           # 1e300 in float64 becomes inf
+    if min(x.shape[:3]) < 4:
+        raise ValueError(f"{name}: every spatial axis needs at least 4 voxels, got shape {tuple(x.shape)}")
     x = x[..., None] if x.ndim == 3 else x
     return x.permute(3, 0, 1, 2)[None].contiguous()                    # (1, C, X, Y, Z)
 
@@ -220,6 +224,10 @@ def register(moving: Any, fixed: Any, model: torch.nn.Module | None = None, *, m
             u = model(m.to(device), f.to(device)).displacement.cpu()
             model.train(was_training)
     seconds = time.perf_counter() - t0
+    if not torch.isfinite(u).all():
+        lo, hi = float(min(m.min(), f.min())), float(max(m.max(), f.max()))
+        raise ValueError(f"register: the displacement came out non-finite; the intensities span [{lo:.3g}, {hi:.3g}]: "
+                         "scale both volumes to about [0, 1] first")
     warped = spatial.warp(m, u)[0].permute(1, 2, 3, 0)                  # (X, Y, Z, C)
     warped = warped[..., 0] if len(moving.shape) == 3 else warped
     warped_labels = None if labels is None else warp_labels(labels, u)[0].numpy()

@@ -126,10 +126,19 @@ def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, device: A
 
 
 @torch.no_grad()
-def predict_labels(model: torch.nn.Module, images: torch.Tensor, device: Any = None) -> torch.Tensor:
-    """The most likely class of every voxel, (N, *S) int64, for volumes (N, C, *S), one at a time."""
+def predict_labels(model: torch.nn.Module, images: torch.Tensor, device: Any = None,
+                   batch_size: int = 4) -> torch.Tensor:
+    """The most likely class of every voxel, (N, *S) int64, for volumes (N, C, *S), ``batch_size`` at a time.
+
+    Batches, not single volumes: on a CPU, PyTorch runs a 3D convolution of one volume through
+    its generic (im2col) kernel and a batch of several through oneDNN, about three times faster
+    per volume for the book's U-Nets at 64³.
+    """
     check_volume(images, "images", ndim=5)
-    return torch.cat([predict_probabilities(model, x[None], device).argmax(1) for x in images])
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected at least 1 volume per batch, got {batch_size}")
+    return torch.cat([predict_probabilities(model, images[i:i + batch_size], device).argmax(1)
+                      for i in range(0, len(images), batch_size)])
 
 
 def _box(*masks: np.ndarray, margin: int = 2) -> tuple[slice, ...]:
@@ -212,6 +221,9 @@ def score_segmentation(pred: Any, target: Any, labels: dict[str, int], spacing: 
 
 # 3. predict(): any NIfTI in, labels on the same grid out -------------------------------------------
 
+MIN_EDGE = 8          # voxels per axis: anything smaller is not a brain scan
+
+
 def _as_volume(volume: Any) -> tuple[np.ndarray, np.ndarray, str]:
     """(data (X, Y, Z) float32, affine, name) from a path or a nibabel image, with clear errors."""
     import nibabel as nib
@@ -233,9 +245,14 @@ def _as_volume(volume: Any) -> tuple[np.ndarray, np.ndarray, str]:
         data = data[..., 0]
     if min(data.shape) < 2:
         raise DataError(None, f"{name}: shape {data.shape} is a single slice, not a 3D volume")
+    if min(data.shape) < MIN_EDGE:
+        raise DataError(None, f"{name}: shape {data.shape} is too small to be a brain scan (at least {MIN_EDGE} "
+                              "voxels per axis)")
     if float(np.ptp(data)) == 0:
         raise DataError(None, f"{name}: every voxel has the value {data.flat[0]}: there is nothing to segment")
-    return np.asarray(data, dtype=np.float32), affine, name
+    data = np.asarray(data, dtype=np.float32)
+    check_volume(data, f"{name} (as float32)")          # 1e300 in float64 becomes inf in float32
+    return data, affine, name
 
 
 def model_grid(shape: tuple[int, ...], affine: np.ndarray, spacing_mm: float,
@@ -297,6 +314,8 @@ def predict(volume: Any, model_path: str | Path | None = None, device: Any = Non
     x = normalize_intensity(torch.from_numpy(x)[None, None])              # (1, 1, *grid)
     # 4. probabilities on the model's grid
     probs = predict_probabilities(model, x, device)[0].numpy()            # (K, *grid)
+    if not np.isfinite(probs).all():
+        raise ValueError(f"{name}: the network's output is not finite (a corrupt model file?)")
     # 5. back onto the input's grid; outside the model's grid is background
     back = np.stack([_resample(p, grid_affine, data.shape, affine, order=1, cval=1.0 if k == 0 else 0.0)
                      for k, p in enumerate(probs)])                       # (K, X, Y, Z)

@@ -37,39 +37,73 @@ def _read(folder: Path, name: str) -> dict:
 def test_record_passes_and_writes_json(results, monkeypatch):
     monkeypatch.setenv(book.PROFILE_ENV, "cpu")
     table = book.record("ch10_segmentation",
-                        dict(metric="dice", value=0.84, threshold=0.7, higher_is_better=True),
+                        dict(metric="dice", value=0.84, gate=0.7, goal=0.85, higher_is_better=True),
                         metrics={"hd95": 3.5})
     saved = _read(results, "ch10_segmentation")
     assert saved["passed"] is True and saved["profile"] == "cpu"
+    assert saved["gate"] == 0.7 and saved["goal"] == 0.85 and saved["goal_met"] is False
     assert saved["metrics"] == {"hd95": 3.5}
     assert list(table.index) == ["dice", "hd95"]
-    assert table.loc["dice", "check"] == "pass"
+    assert table.loc["dice", "gate passed"] == "pass" and table.loc["dice", "goal met"] == "not met"
 
 
-def test_record_raises_on_a_missed_threshold_after_writing(results, monkeypatch):
+def test_record_raises_on_a_missed_gate_after_writing(results, monkeypatch):
     monkeypatch.setenv(book.PROFILE_ENV, "cpu")
-    with pytest.raises(AssertionError, match=r"rmse = 0\.3 misses the cpu threshold \(needs <= 0\.1\)"):
-        book.record("ch11", dict(metric="rmse", value=0.3, threshold=0.1,
-                                 higher_is_better=False))
+    with pytest.raises(AssertionError, match=r"rmse = 0\.3 misses the cpu gate \(<= 0\.1\)"):
+        book.record("ch11", dict(metric="rmse", value=0.3, gate=0.1, goal=0.05, higher_is_better=False))
     assert _read(results, "ch11")["passed"] is False
 
 
-def test_record_checks_nothing_in_smoke(results, monkeypatch):
+def test_a_missed_goal_is_reported_not_failed(results, monkeypatch):
+    monkeypatch.setenv(book.PROFILE_ENV, "cpu")
+    book.record("ch13", dict(metric="dice", value=0.76, gate=0.7, goal=0.8),
+                checks=[dict(metric="folding %", value=0.2, gate=1.0, goal=1.0, higher_is_better=False),
+                        dict(metric="speed-up", value=3.8, goal=20.0),
+                        dict(metric="beats affine", value=True, gate=True, goal=True)])
+    saved = _read(results, "ch13")
+    assert saved["passed"] is True and saved["goal_met"] == [False, True, False, True]
+    assert [c["passed"] for c in saved["checks"]] == [True, True, None, True]
+    assert book.goal_text(saved["goal_met"]) == "2 of 4 met"
+
+
+def test_every_missed_gate_is_named(results, monkeypatch):
+    monkeypatch.setenv(book.PROFILE_ENV, "cpu")
+    with pytest.raises(AssertionError, match=r"a = 1 misses .*; c = no misses the cpu gate \(yes\)"):
+        book.record("ch03", dict(metric="a", value=1, gate=2, goal=3),
+                    checks=[dict(metric="b", value=5, gate=2), dict(metric="c", value=False, gate=True, goal=True)])
+
+
+def test_a_gate_stricter_than_its_goal_is_refused(results, monkeypatch):
+    monkeypatch.setenv(book.PROFILE_ENV, "cpu")
+    with pytest.raises(ValueError, match="stricter than the goal"):
+        book.record("ch04", dict(metric="ssim gain", value=0.1, gate=0.01, goal=0.0))
+    with pytest.raises(ValueError, match=r"checks\[0\] \(y\): the gate 0.6 is stricter"):
+        book.record("ch05", dict(metric="x", value=0.1, gate=0.4, goal=0.5),
+                    checks=[dict(metric="y", value=1, gate=0.6, goal=0.5)])
+
+
+def test_record_checks_nothing_in_smoke_nor_in_a_dry_run(results, monkeypatch):
     monkeypatch.setenv(book.PROFILE_ENV, "smoke")
-    book.record("ch03", dict(metric="mmd", value=9.0, threshold=0.1, higher_is_better=False))
-    assert _read(results, "ch03")["passed"] is None
+    book.record("ch03", dict(metric="mmd", value=9.0, gate=0.1, goal=0.1, higher_is_better=False))
+    saved = _read(results, "ch03")
+    assert saved["passed"] is None and saved["goal_met"] is None
+    monkeypatch.setenv(book.PROFILE_ENV, "gpu")
+    monkeypatch.setenv(book.MAX_STEPS_ENV, "2")
+    book.record("ch03", dict(metric="mmd", value=9.0, gate=0.1, goal=0.1, higher_is_better=False))
+    saved = _read(results, "ch03")
+    assert saved["passed"] is None and saved["goal_met"] is None and saved["dry_run"] == 2
 
 
-def test_record_takes_the_profile_from_run_and_per_profile_thresholds(results):
+def test_record_takes_the_profile_from_run_and_per_profile_gates(results):
     @dataclass
     class Run:
         profile: str
         seed: int = 0
 
     np = pytest.importorskip("numpy")
-    headline = dict(metric="psnr", value=np.float32(25.0), threshold={"cpu": 24.0, "gpu": 30.0})
+    headline = dict(metric="psnr", value=np.float32(25.0), gate={"cpu": 24.0, "gpu": 30.0}, goal=30.0)
     book.record("ch09", headline, run=Run("cpu"))
-    assert _read(results, "ch09")["threshold"] == 24.0
+    assert _read(results, "ch09")["gate"] == 24.0
     assert _read(results, "ch09")["run"] == {"profile": "cpu", "seed": 0}
     with pytest.raises(AssertionError):
         book.record("ch09", headline, run=Run("gpu"))
@@ -85,6 +119,8 @@ def test_record_without_headline_and_with_chapter_env(results, monkeypatch):
 def test_record_rejects_a_malformed_headline(results):
     with pytest.raises(ValueError):
         book.record("ch01", dict(name="dice", value=1.0))
+    with pytest.raises(ValueError, match="'threshold' is now 'gate'"):
+        book.record("ch01", dict(metric="dice", value=1.0, threshold=0.5))
 
 
 def test_passes_handles_nan_and_direction():
@@ -139,7 +175,7 @@ def tiny_book(tmp_path):
     (root / "book" / "intro.md").write_text("# Tiny\n\nStart with {doc}`ch01_first`.\n")
     (root / "book" / "bibliography.md").write_text("# Bibliography\n\n```{bibliography}\n:all:\n```\n")
     record = "from gen3d_lessons.book import record\nrecord('{name}', dict(metric='score', " \
-             "value=value, threshold=0.5))"
+             "value=value, gate=0.5, goal=0.5))"
     _notebook(root / "book" / "ch01_first.ipynb",
               ["value = 0.9\nprint('profile', profile)", record.format(name="ch01_first")],
               title="First")
@@ -185,9 +221,10 @@ def test_repository_toc_lists_the_report_and_existing_pages():
 def _rows() -> list[book.ChapterRun]:
     return [
         book.ChapterRun("ch01_first", 1, "First", "book/ch01_first", "cpu", 12.3, "pass",
-                        "dice", 0.84, 0.7),
+                        "dice", 0.84, 0.7, goal=0.85, goal_met=False),
         book.ChapterRun("ch02_second", 2, "Second", "book/ch02_second", "cpu", 4.0, "fail",
-                        "rmse", 0.3, 0.1, False, "AssertionError: rmse misses"),
+                        "rmse", 0.3, 0.1, False, "AssertionError: rmse misses", goal=0.1,
+                        goal_met=[False, True]),
         book.ChapterRun("ch03_third", 3, "Third", "book/ch03_third", "-"),
     ]
 
@@ -195,8 +232,9 @@ def _rows() -> list[book.ChapterRun]:
 def test_report_table_and_page():
     report = book.make_report(_rows(), profile="cpu", build_seconds=20.0, build_ok=True)
     text = book.format_report(report)
-    assert text.splitlines()[0].split() == list(book.REPORT_COLUMNS)
-    assert "ch01_first" in text and ">= 0.7" in text and "<= 0.1" in text
+    assert text.splitlines()[0].split() == " ".join(book.REPORT_COLUMNS).split()
+    assert "ch01_first" in text and ">= 0.7" in text and "<= 0.1" in text and ">= 0.85" in text
+    assert "not met" in text and "1 of 2 met" in text
     assert "FAIL" in text and "not run" in text and "site build: 20.0 s" in text
     page = book.report_markdown(report, {"book/ch01_first"})
     assert page.startswith("# Run report")
@@ -280,7 +318,7 @@ def test_cli_data_writes_through_a_partial_folder(tmp_path, monkeypatch, capsys)
 
     def make_brain_dataset(out, n, size, seed, progress=True):
         calls.append((Path(out).name.split("-")[0], n, size, seed))
-        Path(out).mkdir(parents=True)
+        Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "dataset.json").write_text(json.dumps({"numTraining": n - 1, "numTest": 1}))
         (Path(out) / "manifest.csv").write_text("id,split\n")
 
@@ -290,7 +328,7 @@ def test_cli_data_writes_through_a_partial_folder(tmp_path, monkeypatch, capsys)
     out = tmp_path / "brain"
     args = ["data", "brain", "--out", str(out), "--n", "3", "--size", "16"]
     assert cli.main(args) == 0
-    assert calls == [("brain.partial", 3, 16, 0)] and (out / "dataset.json").is_file()
+    assert calls == [(".brain.partial", 3, 16, 0)] and (out / "dataset.json").is_file()
     assert cli.main(args) == 0 and len(calls) == 1            # present: skipped
     assert cli.main(args + ["--force"]) == 0 and len(calls) == 2
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
@@ -305,12 +343,12 @@ def test_cli_data_writes_through_a_partial_folder(tmp_path, monkeypatch, capsys)
 def test_build_book_end_to_end(tiny_book, capsys):
     status = book.build_book(tiny_book, profile="cpu")
     out = capsys.readouterr().out
-    assert status == 1, "a chapter that misses its threshold fails the build"
+    assert status == 1, "a chapter that misses its gate fails the build"
     report = book.load_report(tiny_book)
     assert [r["status"] for r in report["chapters"]] == ["pass", "fail"]
     assert report["build_ok"] is True, out
     assert all(r["seconds"] > 0 for r in report["chapters"])
-    assert "misses the cpu threshold" in report["chapters"][1]["error"]
+    assert "misses the cpu gate" in report["chapters"][1]["error"]
 
     html = tiny_book.html
     for page in ("index", "book/intro", "book/ch01_first", "book/ch02_second", "book/report",
@@ -343,7 +381,7 @@ def test_concurrent_requests_make_a_dataset_once(tmp_path, monkeypatch):
     def make_brain_dataset(out, n, size, seed, progress=True):
         calls.append(Path(out).name)
         _time.sleep(0.3)                                 # long enough for the second request to arrive
-        Path(out).mkdir(parents=True)
+        Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "dataset.json").write_text(json.dumps({"numTraining": n, "numTest": 0}))
         (Path(out) / "manifest.csv").write_text("id,split\n")
 

@@ -226,6 +226,26 @@ def test_checksum_mismatch(brain_msd):
     _assert_names(err, path, "checksum mismatch: manifest says", "file has")
 
 
+def test_one_flipped_byte_is_caught_on_first_use_and_checked_once(brain_msd, monkeypatch):
+    from gen3d_lessons.data import datasets
+
+    monkeypatch.setattr(datasets, "_verified", {})
+    read_dataset(brain_msd)                                       # the first read hashes every file
+    hashed = []
+    real = datasets.sha256
+    monkeypatch.setattr(datasets, "sha256", lambda p: hashed.append(p) or real(p))
+    read_dataset(brain_msd)
+    assert hashed == []                                           # unchanged files: not hashed again
+    path = brain_msd / "imagesTr" / "brain_001.nii.gz"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError) as err:
+        read_dataset(brain_msd)                                   # the default reader, no option needed
+    _assert_names(err, path, "checksum mismatch")
+    assert hashed == [path]
+
+
 def test_manifest_file_missing(brain_msd):
     with open(brain_msd / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))

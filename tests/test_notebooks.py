@@ -2,6 +2,11 @@
 
 The executed copies and results go to a temporary folder, so the book's own ``_build`` is left
 alone. Run one with ``pytest tests/test_notebooks.py -k ch01``.
+
+The **gpu dry run** (``make dryrun``: ``GEN3D_MAX_STEPS=2 pytest -m dryrun``) executes every
+chapter with the ``gpu`` profile's sizes and models but two steps per training or sampling loop,
+so that a shape or config error at gpu sizes fails here and not in a reader's Colab. It is
+skipped unless ``GEN3D_MAX_STEPS`` is set.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import os
 
 import pytest
 
+from gen3d_lessons.book import MAX_STEPS_ENV
 from gen3d_lessons.book import BookPaths, chapters, run_chapter
 
 ROOT = BookPaths.at(os.environ.get("GEN3D_BOOK_ROOT"))
@@ -39,6 +45,35 @@ def test_chapter_runs_in_smoke_profile(chapter, tmp_path):
     assert row.ok, (f"{chapter.name} failed in the smoke profile: {row.error} "
                     f"(executed copy: {row.executed})")
     assert (paths.results / f"{chapter.name}.json").is_file()
+
+
+REPEATED = "ch11_denoising"     # a chapter that trains (two networks) and is quick in smoke
+
+
+@pytest.mark.notebook
+@pytest.mark.skipif(REPEATED not in {c.name for c in CHAPTERS}, reason=f"{REPEATED} is not in the toc")
+def test_a_training_chapter_run_twice_tells_the_same_story(tmp_path):
+    """Steps, not clocks, and seeds: the same chapter in the same profile prints the same numbers."""
+    chapter = next(c for c in CHAPTERS if c.name == REPEATED)
+    results = []
+    for attempt in ("first", "second"):
+        paths = BookPaths(ROOT.root, build_dir=tmp_path / attempt / "_build", data_dir=ROOT.data)
+        row = run_chapter(chapter, "smoke", paths)
+        assert row.ok, f"{chapter.name}: {row.error}"
+        results.append(json.loads((paths.results / f"{chapter.name}.json").read_text()))
+    first, second = ([(c["metric"], c["value"]) for c in r["checks"]] for r in results)
+    assert first and first == second, f"{chapter.name} gave different results in two runs: {first} vs {second}"
+
+
+@pytest.mark.dryrun
+@pytest.mark.skipif(not os.environ.get(MAX_STEPS_ENV), reason=f"the gpu dry run needs {MAX_STEPS_ENV} (make dryrun)")
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.name for c in CHAPTERS])
+def test_chapter_runs_in_gpu_dry_run(chapter, tmp_path):
+    paths = BookPaths(ROOT.root, build_dir=tmp_path / "_build", data_dir=ROOT.data)
+    row = run_chapter(chapter, "gpu", paths)
+    assert row.ok, (f"{chapter.name} failed in the gpu dry run: {row.error} "
+                    f"(executed copy: {row.executed})")
+    assert row.dry_run is not None and row.status == "ran", "a dry run must check no gate"
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.name for c in CHAPTERS])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gen3d_lessons import profiles
-from gen3d_lessons.profiles import PROFILES, Run, pick_profile, seed_everything, setup
+from gen3d_lessons.profiles import PROFILES, Run, pick_profile, seed_everything, setup, step_cap
 
 SETTINGS = dict(smoke=dict(size=16, n_train=4, budget_s=5, max_steps=3),
                 cpu=dict(size=32, n_train=48, budget_s=120, max_steps=3000, dice_min=0.85),
@@ -132,3 +132,24 @@ def test_setup_seeds():
     with warnings.catch_warnings():
         setup("smoke", seed=11, verbose=False, **SETTINGS)
     assert torch.equal(a, torch.rand(3))
+
+
+def test_dry_run_checks_nothing_and_saves_apart(monkeypatch):
+    monkeypatch.delenv("GEN3D_MAX_STEPS", raising=False)
+    cpu = setup("cpu", cpu=dict(n=1), verbose=False)
+    assert cpu.checks_thresholds and not cpu.dry_run and cpu.model_suffix == ""
+    assert setup("smoke", smoke=dict(n=1), verbose=False).model_suffix == "_smoke"
+    monkeypatch.setenv("GEN3D_MAX_STEPS", "2")
+    gpu = setup("gpu", gpu=dict(n=1), verbose=False)
+    assert gpu.dry_run and not gpu.checks_thresholds and gpu.model_suffix == "_gpu_dryrun"
+    assert step_cap(1000) == 2 and step_cap(1) == 1
+
+
+def test_dry_overrides_apply_only_in_a_dry_run(monkeypatch):
+    monkeypatch.delenv("GEN3D_MAX_STEPS", raising=False)
+    assert setup("gpu", gpu=dict(n=400, size=64), dry=dict(n=8), verbose=False).n == 400
+    monkeypatch.setenv("GEN3D_MAX_STEPS", "2")
+    run = setup("gpu", gpu=dict(n=400, size=64), dry=dict(n=8), verbose=False)
+    assert run.n == 8 and run.size == 64
+    with pytest.raises(ValueError, match="not settings"):
+        setup("gpu", gpu=dict(n=400), dry=dict(m=8), verbose=False)

@@ -276,3 +276,19 @@ def test_register_rejects_bad_input_with_clear_errors():
         register(moving, fixed, net, moving_labels=labels[:-1], num_classes=2)
     with pytest.raises(ValueError, match=r"moving_labels: a 4D input .* \[0, 1\]"):
         register(moving, fixed, net, moving_labels=np.stack([labels * 2.0, 1 - labels], -1))
+
+
+def test_register_refuses_overflow_and_non_finite_results():
+    import numpy as np
+    from gen3d_lessons.register import register
+
+    big = np.full((8, 8, 8), 1e300)
+    big[2:5, 2:5, 2:5] = 2e300
+    with pytest.raises(ValueError, match=r"moving \(as float32\): contains"):
+        register(big, big)
+    huge = np.zeros((8, 8, 8), np.float32)
+    huge[2:5, 2:5, 2:5] = 1e30
+    with pytest.raises(ValueError, match="non-finite.*scale both volumes"):
+        register(huge, np.roll(huge, 1, axis=0), steps=5, grid=None)
+    with pytest.raises(ValueError, match="at least 4 voxels"):
+        register(np.zeros((3, 8, 8)), np.zeros((3, 8, 8)))

@@ -307,6 +307,15 @@ def test_predict_clear_errors(tmp_path, saved_identity_segmenter):
         predict(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), model_path=saved_identity_segmenter)
     with pytest.raises(TypeError, match="path to a NIfTI"):
         predict(np.zeros((8, 8, 8)), model_path=saved_identity_segmenter)
+    with pytest.raises(DataError, match="too small to be a brain scan"):
+        predict(nib.Nifti1Image(np.random.rand(4, 4, 4).astype(np.float32), np.eye(4)),
+                model_path=saved_identity_segmenter)
+    huge = np.full((8, 8, 8), 1e300)
+    huge[2:6, 2:6, 2:6] = 3e300
+    path = tmp_path / "huge.nii.gz"
+    nib.save(nib.Nifti1Image(huge, np.eye(4)), path)
+    with pytest.raises(DataError, match=r"huge\.nii\.gz \(as float32\): contains .*inf"):
+        predict(path, model_path=saved_identity_segmenter)
 
 
 # inference, scores, robustness, training the T1 segmenter --------------------------------------------
@@ -316,6 +325,10 @@ def test_predict_labels_and_scores():
     net = UNet3D(SMALL).eval()
     pred = predict_labels(net, images)
     assert pred.shape == (2, 16, 16, 16) and pred.dtype == torch.int64
+    three = torch.cat([images, images[:1]])                                    # a last batch of one
+    assert torch.equal(predict_labels(net, three, batch_size=2), torch.cat([pred, pred[:1]]))
+    with pytest.raises(ValueError, match="batch_size"):
+        predict_labels(net, images, batch_size=0)
     y = labels[0, 0].numpy()
     rows = score_segmentation(y, y, {"box": 1, "ball": 2}, spacing=2.0)
     assert [r["class"] for r in rows] == ["box", "ball"] and all(r["Dice"] == 1 and r["HD95"] == 0 for r in rows)

@@ -1,6 +1,7 @@
 """The generic loop: stopping rules, NaN guard, history, checkpoints and resuming, saved models."""
 
 import math
+from pathlib import Path
 import time
 from dataclasses import dataclass
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from gen3d_lessons.training import Checkpoint, History, fit, load_model, save_model
+from gen3d_lessons.training import Checkpoint, FuseBlown, History, fit, load_model, save_model
 
 
 def make_problem(seed=0):
@@ -49,14 +50,28 @@ def test_loader_is_reiterated_and_step_index_counts():
     assert seen == [(10, 0), (20, 1), (30, 2), (10, 3), (20, 4), (30, 5), (10, 6)]
 
 
-def test_budget_stops_first():
+def test_the_fuse_fails_loudly_and_keeps_the_checkpoint(tmp_path):
     def slow(batch, i):
         time.sleep(0.05)
         return {"loss": 1.0}
 
-    h = fit(slow, [0], max_steps=10_000, budget_s=0.3)
-    assert h.stopped_by == "budget"
-    assert 1 <= h.steps < 50
+    ck = Checkpoint(tmp_path / "ck.pt", {"net": nn.Linear(1, 1)}, every_steps=1000, every_s=None)
+    with pytest.raises(FuseBlown, match=r"train: reached \d+ of 10000 steps in its 0.3 s fuse"):
+        fit(slow, [0], max_steps=10_000, budget_s=0.3, checkpoint=ck)
+    assert 1 <= ck.load().steps < 50                          # resumable from where the fuse burnt
+
+
+def test_a_fuse_that_holds_changes_nothing():
+    h = fit(lambda b, i: {"loss": float(i)}, [0], max_steps=20, budget_s=60)
+    assert h.steps == 20 and h.stopped_by == "max_steps"
+
+
+def test_dry_run_caps_the_steps(monkeypatch):
+    monkeypatch.setenv("GEN3D_MAX_STEPS", "2")
+    assert fit(lambda b, i: {"loss": 1.0}, [0], max_steps=500).steps == 2
+    monkeypatch.setenv("GEN3D_MAX_STEPS", "zero")
+    with pytest.raises(ValueError, match="GEN3D_MAX_STEPS"):
+        fit(lambda b, i: {"loss": 1.0}, [0], max_steps=5)
 
 
 def test_nan_guard_names_step_key_value():
@@ -237,3 +252,118 @@ def test_fit_output_stays_short_in_the_static_book(monkeypatch, capsys):
     fit(lambda b, i: {"loss": 1.0}, [0], max_steps=500)
     out = capsys.readouterr().out
     assert out.count("\r") <= 3 and len(out) < 600   # no redraw per step
+
+
+# Integrity: a flipped byte, a text file, another model's file -----------------------------------
+
+def _flip_a_weight_byte(path, needle: bytes):
+    """Flip one byte inside the stored bytes of a tensor (found by its known content)."""
+    raw = bytearray(path.read_bytes())
+    at = raw.find(needle)
+    assert at > 0, "tensor bytes not found in the file"
+    raw[at + 1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_byte_in_saved_weights_is_an_error(tmp_path):
+    net = nn.Linear(4, 4)
+    with torch.no_grad():
+        net.weight.copy_(torch.arange(16.0).reshape(4, 4) + 0.5)
+    path = save_model(tmp_path / "m.pt", net, {"n": 4})
+    load_model(path, lambda c: nn.Linear(c["n"], c["n"]))                       # intact: fine
+    _flip_a_weight_byte(path, (torch.arange(16.0) + 0.5).numpy().tobytes()[:8])
+    with pytest.raises(ValueError, match=r"m\.pt: .*checksum"):
+        load_model(path, lambda c: nn.Linear(c["n"], c["n"]))
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_an_error(tmp_path):
+    net = nn.Linear(4, 4)
+    with torch.no_grad():
+        net.weight.copy_(torch.arange(16.0).reshape(4, 4) + 0.25)
+    ck = Checkpoint(tmp_path / "ck.pt", {"net": net}, every_steps=1, every_s=None)
+    fit(lambda b, i: {"loss": 0.0}, [0], max_steps=1, checkpoint=ck)
+    _flip_a_weight_byte(ck.path, (torch.arange(16.0) + 0.25).numpy().tobytes()[:8])
+    with pytest.raises(ValueError, match=r"ck\.pt: .*checksum"):
+        Checkpoint(ck.path, {"net": nn.Linear(4, 4)}).load()
+
+
+def test_a_text_file_or_another_models_file_is_named(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("not a model\n" * 10)
+    with pytest.raises(ValueError, match=r"notes\.pt: cannot be read"):
+        load_model(text, lambda c: nn.Linear(2, 2))
+    other = save_model(tmp_path / "other.pt", nn.Linear(2, 3), {"width": 3})
+
+    @dataclass
+    class NetConfig:
+        n: int
+
+    with pytest.raises(ValueError, match=r"other\.pt: holds a model whose config does not build"):
+        load_model(other, lambda c: nn.Linear(NetConfig(**c).n, 2))
+
+
+# Exact resume wherever the checkpoint was taken (mid-pass, shuffled, killed) ------------------------
+
+def _shuffled_problem(seed: int = 0):
+    from gen3d_lessons.training.generative import ShuffledBatches
+
+    torch.manual_seed(seed)
+    net = nn.Conv3d(1, 1, 3, padding=1)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x = torch.randn(10, 1, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    batches = ShuffledBatches(x, batch_size=3, seed=1)           # 3 batches a pass, a new order each pass
+
+    def step(batch, i):
+        loss = (net(batch["image"]) - batch["image"].flip(2)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item()}
+    return net, opt, batches, step
+
+
+@pytest.mark.parametrize("stop", [4, 7, 8])
+def test_resume_mid_pass_equals_the_uninterrupted_run(tmp_path, stop):
+    net_a, _, batches, step = _shuffled_problem()
+    full = fit(step, batches, max_steps=11)
+    net_b, opt_b, batches, step = _shuffled_problem()
+    fit(step, batches, max_steps=stop, checkpoint=Checkpoint(tmp_path / "c.pt", {"net": net_b, "opt": opt_b}))
+    net_c, opt_c, batches, step = _shuffled_problem(seed=42)     # a new process: other weights, fresh loader
+    again = fit(step, batches, max_steps=11, checkpoint=Checkpoint(tmp_path / "c.pt", {"net": net_c, "opt": opt_c}))
+    assert again.values["loss"] == full.values["loss"]
+    assert torch.equal(net_c.weight, net_a.weight)
+
+
+KILLED_RUN = """
+import sys, time, torch
+sys.path.insert(0, {tests!r})
+from test_training import _shuffled_problem
+from gen3d_lessons.training import Checkpoint, fit
+net, opt, batches, step = _shuffled_problem()
+def slow(batch, i):
+    time.sleep(0.15)
+    return step(batch, i)
+fit(slow, batches, max_steps=40, checkpoint=Checkpoint({path!r}, {{"net": net, "opt": opt}}, every_steps=1, every_s=None))
+"""
+
+
+def test_a_killed_training_resumes_exactly(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "c.pt"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_RUN.format(tests=str(Path(__file__).parent), path=str(path))],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (path.is_file() and torch.load(path, weights_only=True)["step"] >= 5):
+        time.sleep(0.1)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    killed_at = torch.load(path, weights_only=True)["step"]
+    assert 5 <= killed_at < 40
+    net_a, _, batches, step = _shuffled_problem()
+    full = fit(step, batches, max_steps=40)
+    net_b, opt_b, batches, step = _shuffled_problem(seed=3)
+    again = fit(step, batches, max_steps=40, checkpoint=Checkpoint(path, {"net": net_b, "opt": opt_b}))
+    assert again.values["loss"] == full.values["loss"] and torch.equal(net_b.weight, net_a.weight)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,15 +92,18 @@ class DatasetIndex:
 
 # ----------------------------------------------------------------------------- reading an index
 
-def read_dataset(root: str | Path, *, verify: Literal["size", "sha256", "none"] = "size") -> DatasetIndex:
+def read_dataset(root: str | Path, *, verify: Literal["once", "size", "sha256", "none"] = "once") -> DatasetIndex:
     """Detect the layout of ``root`` (MSD or ACDC), list its cases and check their files.
 
     ``verify="size"``: every listed file (dataset.json, Info.cfg frames, manifest.csv) exists and is
-    non-empty; ``"sha256"``: also the manifest's checksums match; ``"none"``: no file checks.
-    Raises :class:`DataError` naming the folder or file and the problem.
+    non-empty; ``"once"`` (the default): also each file's manifest checksum, the first time the
+    file is seen with its current size and modification time (remembered in the dataset's
+    ``.gen3d-verified.json`` when gen3d wrote the dataset, else for this process), so a corrupted
+    file is caught on first use at the cost of one pass; ``"sha256"``: every checksum, every time;
+    ``"none"``: no file checks. Raises :class:`DataError` naming the folder or file and the problem.
     """
-    if verify not in ("size", "sha256", "none"):
-        raise ValueError(f"verify must be 'size', 'sha256' or 'none', got {verify!r}")
+    if verify not in ("once", "size", "sha256", "none"):
+        raise ValueError(f"verify must be 'once', 'size', 'sha256' or 'none', got {verify!r}")
     root = Path(root)
     if not root.exists():
         raise DataError(root, "dataset folder not found")
@@ -117,7 +121,7 @@ def read_dataset(root: str | Path, *, verify: Literal["size", "sha256", "none"] 
 
     # 2. are the files there (and unchanged)?
     if verify != "none":
-        _verify(index, checksums, check_sums=verify == "sha256")
+        _verify(index, checksums, check_sums=verify, root=root)
     return index
 
 
@@ -328,7 +332,16 @@ def _read_acdc(root: Path, patients: list[tuple[Path, str]]) -> DatasetIndex:
 
 # checks ------------------------------------------------------------------------------------------
 
-def _verify(index: DatasetIndex, checksums: dict[Path, str], check_sums: bool) -> None:
+VERIFIED_FILE = ".gen3d-verified.json"
+_verified: dict[str, list] = {}      # path -> [size, mtime_ns, sha256] checked in this process
+
+
+def _unchanged_since_verified(path: Path, expected: str, known: dict[str, list]) -> bool:
+    st = path.stat()
+    return known.get(str(path)) == [st.st_size, st.st_mtime_ns, expected]
+
+
+def _verify(index: DatasetIndex, checksums: dict[Path, str], check_sums: str, root: Path) -> None:
     source = "dataset.json" if index.layout == "msd" else "Info.cfg (its ED/ES frames)"
     for case in index.cases:
         for key, path in case.files.items():
@@ -336,14 +349,37 @@ def _verify(index: DatasetIndex, checksums: dict[Path, str], check_sums: bool) -
                 raise DataError(path, f"file not found; {source} lists it as {key!r} of case {case.id}")
             if path.stat().st_size == 0:
                 raise DataError(path, f"empty file (0 bytes), {key!r} of case {case.id}")
+    from . import is_ours
+
+    cache = root / VERIFIED_FILE
+    known = dict(_verified)
+    if check_sums == "once" and cache.is_file():
+        try:
+            known.update({str(root / k): v for k, v in json.loads(cache.read_text()).items()})
+        except (OSError, ValueError, AttributeError):
+            pass                                          # an unreadable cache: verify again
+    fresh = 0
     for path, expected in checksums.items():
         if not path.is_file():
             raise DataError(path, "file not found; manifest.csv lists it")
         if path.stat().st_size == 0:
             raise DataError(path, "empty file (0 bytes); manifest.csv lists it")
-        if check_sums and (actual := sha256(path)) != expected:
+        if check_sums == "size" or (check_sums == "once" and _unchanged_since_verified(path, expected, known)):
+            continue
+        if (actual := sha256(path)) != expected:
             raise DataError(path, f"checksum mismatch: manifest says {expected[:16]}..., file has {actual[:16]}... "
                                   "(the file changed after the dataset was written, or the copy is damaged)")
+        st = path.stat()
+        _verified[str(path)] = known[str(path)] = [st.st_size, st.st_mtime_ns, expected]
+        fresh += 1
+    if check_sums == "once" and fresh and is_ours(root):
+        try:                                              # remembered beside the dataset gen3d wrote
+            mine = {Path(k).relative_to(root).as_posix(): v for k, v in known.items() if root in Path(k).parents}
+            tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(mine))
+            os.replace(tmp, cache)
+        except OSError:
+            pass                                          # read-only: this process remembers
 
 
 def _check_label(volume: Volume, labels: dict[int, str]) -> Volume:

@@ -263,4 +263,6 @@ def denoise(model: nn.Module, volume: Any, device: torch.device | str | None = N
     y = y.cpu()[0, :, : shape[0], : shape[1], : shape[2]]                    # (C_out, D, H, W)
     model.train(was_training)
     y = y.numpy().astype(np.float32)
+    if not np.isfinite(y).all():
+        raise ValueError("denoise: the network's output is not finite (a corrupt or diverged model?)")
     return y[0] if cfg.n_out == 1 else y

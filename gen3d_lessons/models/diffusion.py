@@ -51,6 +51,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..profiles import step_cap
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]     # eps_theta(x_t, t) -> eps_hat
 
 
@@ -241,7 +243,7 @@ class NoiseSchedule(nn.Module):
         ``progress`` a bar description (or True) shows a progress bar; ``x_T`` may be given.
         """
         x = self._start(shape, generator, device, x_T)
-        steps = range(self.T - 1, -1, -1)
+        steps = range(self.T - 1, self.T - 1 - step_cap(self.T), -1)         # T-1 .. 0 (fewer in a dry run)
         for t in _maybe_progress(steps, progress, "DDPM sampling"):
             x = self.p_sample(model, x, t, generator, clip_x0)
         return x
@@ -296,7 +298,8 @@ class NoiseSchedule(nn.Module):
         """
         taus = self.ddim_timesteps(steps)
         x = self._start(shape, generator, device, x_T)
-        for t, t_prev in _maybe_progress(list(zip(taus, taus[1:] + [-1])), progress, "DDIM sampling"):
+        jumps = list(zip(taus, taus[1:] + [-1]))[:step_cap(len(taus))]               # fewer in a dry run
+        for t, t_prev in _maybe_progress(jumps, progress, "DDIM sampling"):
             x = self.ddim_step(model, x, t, t_prev, eta, generator, clip_x0)
         return x
 

@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..profiles import step_cap
+
 # 1. Quantised intensities -----------------------------------------------------------------------
 
 
@@ -337,20 +339,19 @@ class PixelCNN3D(nn.Module):
         levels = torch.zeros(n, 1, D, H, W, dtype=torch.long, device=device)
         logits = torch.zeros(n, L, D, H, W, device=device)
         rows = torch.arange(n, device=device)
-        # 3. raster order: w fastest, then h, then d
-        for d in range(D):
-            for i in range(H):
-                for j in range(W):
-                    patch = x_buf[:, :, d:d + k, i:i + k, j:j + k].reshape(n, -1)       # (n, L·k³)
-                    h = torch.addmm(biases[0] + where[:, d, i, j], patch, mats[0])       # (n, C)
-                    for buf, mat, b in zip(a_bufs, mats[1:], biases[1:]):
-                        buf[:, :, d + m, i + m, j + m] = F.relu(h)                       # this layer's input at p
-                        h = h + torch.addmm(b, buf[:, :, d:d + k, i:i + k, j:j + k].reshape(n, -1), mat)
-                    z = torch.addmm(head1.bias, F.relu(h), w1).relu_()                   # the pointwise head
-                    z = torch.addmm(head2.bias + prior[:, d, i, j], z, w2)               # (n, L)
-                    level = (z / temperature + gumbel[:, :, d, i, j]).argmax(1)          # (n,)
-                    logits[:, :, d, i, j], levels[:, 0, d, i, j] = z, level
-                    x_buf[rows, level, d + m, i + m, j + m] = 1.0                        # one-hot at p
+        # 3. raster order: w fastest, then h, then d (a dry run stops after a few voxels)
+        positions = [(d, i, j) for d in range(D) for i in range(H) for j in range(W)]
+        for d, i, j in positions[:step_cap(len(positions))]:
+            patch = x_buf[:, :, d:d + k, i:i + k, j:j + k].reshape(n, -1)       # (n, L·k³)
+            h = torch.addmm(biases[0] + where[:, d, i, j], patch, mats[0])       # (n, C)
+            for buf, mat, b in zip(a_bufs, mats[1:], biases[1:]):
+                buf[:, :, d + m, i + m, j + m] = F.relu(h)                       # this layer's input at p
+                h = h + torch.addmm(b, buf[:, :, d:d + k, i:i + k, j:j + k].reshape(n, -1), mat)
+            z = torch.addmm(head1.bias, F.relu(h), w1).relu_()                   # the pointwise head
+            z = torch.addmm(head2.bias + prior[:, d, i, j], z, w2)               # (n, L)
+            level = (z / temperature + gumbel[:, :, d, i, j]).argmax(1)          # (n,)
+            logits[:, :, d, i, j], levels[:, 0, d, i, j] = z, level
+            x_buf[rows, level, d + m, i + m, j + m] = 1.0                        # one-hot at p
         return levels, logits
 
     @torch.no_grad()

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ..profiles import step_cap
+
 
 # 1. The VQ-VAE -----------------------------------------------------------------------------------
 
@@ -350,7 +352,7 @@ class CodeTransformer(nn.Module):
         s = torch.zeros(n, self.cfg.block_size, dtype=torch.long, device=device)
         caches: list[dict] = [{} for _ in self.blocks]
         token = torch.full((n,), self.bos, dtype=torch.long, device=device)         # input at t = 0
-        for t in range(self.cfg.block_size):
+        for t in range(step_cap(self.cfg.block_size)):                                # T (fewer in a dry run)
             h = self.tok(token)[:, None] + self.pos[:, t:t + 1]                       # (n, 1, n_embd)
             for block, cache in zip(self.blocks, caches):
                 h = block(h, cache)

@@ -3,6 +3,6 @@
 The step functions of each model family live beside this module; ``fit`` knows none of them.
 """
 
-from .fit import Checkpoint, History, fit, load_model, save_model
+from .fit import Checkpoint, FuseBlown, History, fit, load_model, save_model
 
-__all__ = ["fit", "History", "Checkpoint", "save_model", "load_model"]
+__all__ = ["fit", "History", "Checkpoint", "FuseBlown", "save_model", "load_model"]

@@ -9,9 +9,12 @@ optimizers (a GAN has two) and returns what it measured::
 
     history = fit(vae_step, loader, max_steps=run.max_steps, budget_s=run.budget_s)
 
-``fit`` stops at ``max_steps`` or when the wall-clock budget is spent, whichever comes first.
-Both, because the same run on two shared CPU cores can take twice as long one day as the next:
-the cap keeps a fast machine from overtraining, the budget keeps a slow one on time.
+``fit`` stops at ``max_steps``, and only there: the same chapter on a fast machine and on a
+slow one trains the same number of steps and prints the same numbers. ``budget_s`` is a *fuse*,
+not a stopping rule: a run that has not reached ``max_steps`` when it burns raises
+:class:`FuseBlown`, which says how far it got ("reached 251 of 2000 steps in its 45 s fuse"),
+instead of quietly returning a less-trained model. In a dry run (env ``GEN3D_MAX_STEPS``, see
+:func:`~gen3d_lessons.profiles.step_cap`) ``max_steps`` is capped.
 
 A :class:`Checkpoint` makes a long run resumable: if its file exists, ``fit`` restores the
 models, optimizers, step counter, history and random generators from it and carries on.
@@ -20,6 +23,7 @@ models, optimizers, step counter, history and random generators from it and carr
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import pickle
@@ -34,7 +38,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..profiles import step_cap
 from ..progress import progress
+
+
+class FuseBlown(RuntimeError):
+    """A training run reached its wall-clock fuse before its step count."""
 
 # 1. What a run measured ----------------------------------------------------------------------
 
@@ -50,7 +59,7 @@ class History:
     steps: int = 0                                           # steps done, all sessions together
     seconds: float = 0.0                                     # training time, all sessions together
     values: dict[str, list[float]] = field(default_factory=dict)
-    stopped_by: str = "max_steps"                            # "max_steps" | "budget"
+    stopped_by: str = "max_steps"                            # always "max_steps": the fuse raises
 
     def record(self, measured: Mapping[str, float]) -> None:
         """Append one step's values (keys new to the history are back-filled with NaN)."""
@@ -117,18 +126,52 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)  # atomic on POSIX and Windows
 
 
-def _read(path: Path, what: str) -> dict:
-    """Load a file written by this module, with an error that names the file and the problem."""
+def _digest(obj: Any) -> str:
+    """A sha256 of every tensor and value in a nested structure of dicts, lists and tensors.
+
+    Saved beside the states, it turns a flipped byte in the weights into a clear error on load
+    instead of a silently different model.
+    """
+    h = hashlib.sha256()
+
+    def walk(x: Any, name: str) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{name}:{x.dtype}:{tuple(x.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, Mapping):
+            for key in sorted(x, key=str):
+                walk(x[key], f"{name}/{key}")
+        elif isinstance(x, (list, tuple)):
+            for i, item in enumerate(x):
+                walk(item, f"{name}[{i}]")
+        else:
+            h.update(f"{name}={x!r}".encode())
+
+    walk(obj, "")
+    return h.hexdigest()
+
+
+def _read(path: Path, what: str, checked: str) -> dict:
+    """Load a file written by this module, with an error that names the file and the problem.
+
+    ``checked`` is the key whose contents the file's ``sha256`` covers (files written before
+    checksums existed have none and are read as they are).
+    """
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no {what} file here")
     try:
         # weights_only: tensors and plain Python containers only, never arbitrary code.
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot be read as a {what} (corrupt or not written by gen3d_lessons: "
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError,
+            IndexError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read as a {what} (corrupt, or not a file gen3d_lessons wrote: "
                          f"{type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a {what} (a dict), found a {type(obj).__name__}")
+    if "sha256" in obj and checked in obj and _digest(obj[checked]) != obj["sha256"]:
+        raise ValueError(f"{path}: the {what}'s tensors do not match the checksum saved with them "
+                         "(the file is corrupt); retrain or restore it")
     return obj
 
 
@@ -186,6 +229,7 @@ class Checkpoint:
         self.every_steps = every_steps
         self.every_s = every_s
         self.saved_step: int | None = None      # the step of the last file written or read
+        self.loader_state: dict | None = None   # where the loader was, as the last file read says
         self._last_save_t = time.perf_counter()
 
     def exists(self) -> bool:
@@ -197,20 +241,23 @@ class Checkpoint:
         by_time = self.every_s is not None and time.perf_counter() - self._last_save_t >= self.every_s
         return by_steps or by_time
 
-    def save(self, history: History) -> None:
-        """Write the current states, RNG and history (atomically)."""
+    def save(self, history: History, loader_state: Mapping[str, Any] | None = None) -> None:
+        """Write the current states, RNG, history and the loader's place (atomically)."""
+        states = {name: obj.state_dict() for name, obj in self.objects.items()}
         _atomic_save({"config": self.config,
                       "step": history.steps,
                       "elapsed_s": history.seconds,
                       "history": history.to_dict(),
-                      "states": {name: obj.state_dict() for name, obj in self.objects.items()},
-                      "rng": _rng_state()}, self.path)
+                      "states": states,
+                      "sha256": _digest(states),
+                      "rng": _rng_state(),
+                      "loader": None if loader_state is None else dict(loader_state)}, self.path)
         self.saved_step = history.steps
         self._last_save_t = time.perf_counter()
 
     def load(self) -> History:
         """Restore every object's state and the RNG from the file; return the saved history."""
-        ckpt = _read(self.path, "checkpoint")
+        ckpt = _read(self.path, "checkpoint", "states")
         missing = {"step", "history", "states", "rng"} - set(ckpt)
         if missing:
             raise ValueError(f"{self.path}: not a training checkpoint (missing {', '.join(sorted(missing))})")
@@ -227,6 +274,7 @@ class Checkpoint:
             except (RuntimeError, ValueError, KeyError) as e:
                 raise ValueError(f"{self.path}: the saved state of {name!r} does not fit this object: {e}") from e
         _set_rng_state(ckpt["rng"])
+        self.loader_state = ckpt.get("loader")
         self.saved_step = int(ckpt["step"])
         self._last_save_t = time.perf_counter()
         return History.from_dict(ckpt["history"])
@@ -250,15 +298,21 @@ def _as_floats(measured: Any, i: int) -> dict[str, float]:
 def fit(step: Callable[[Any, int], Mapping[str, float]], loader: Iterable, *, max_steps: int,
         budget_s: float | None = None, checkpoint: Checkpoint | None = None,
         log_every: int = 10, desc: str = "train") -> History:
-    """Call ``step(batch, i)`` on batches from ``loader`` until ``max_steps`` or ``budget_s``.
+    """Call ``step(batch, i)`` on batches from ``loader`` until ``max_steps`` steps are done.
 
     ``loader`` is any iterable (a DataLoader, a list of batches ...); it is iterated again
     when exhausted, so one pass is one epoch. ``i`` counts steps from 0 across resumed
     sessions. Every ``log_every`` steps the progress bar shows the mean of each value over the
-    last ``log_every`` steps. The budget counts this session's time only.
+    last ``log_every`` steps.
+
+    ``budget_s`` is a fuse: if this session's time passes it before ``max_steps``, ``fit`` saves
+    the checkpoint (if any) and raises :class:`FuseBlown`. In a dry run ``max_steps`` is capped
+    by ``GEN3D_MAX_STEPS``.
 
     With a ``checkpoint`` whose file exists, the run resumes from it (states, step counter,
-    history, random generators) and the loader starts a fresh pass. The checkpoint is saved
+    history, random generators) and the loader's place: the pass is replayed up to the saved
+    batch (restoring ``loader.generator`` first, if the loader has one), so a resumed run equals
+    the uninterrupted one wherever the checkpoint was taken. The checkpoint is saved
     as it asks and once more at the end.
 
     Raises ``FloatingPointError`` as soon as a step returns a NaN or infinite value; nothing
@@ -275,33 +329,59 @@ def fit(step: Callable[[Any, int], Mapping[str, float]], loader: Iterable, *, ma
         raise ValueError(f"log_every: expected a positive integer, got {log_every!r}")
     if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
         raise TypeError(f"checkpoint: expected a Checkpoint or None, got {type(checkpoint).__name__}")
-    max_steps = int(max_steps)
+    max_steps = step_cap(max_steps)
 
-    # 2. resume if a checkpoint file is there
+    # 2. where the loader is: its generator's state at the start of this pass, and the batches
+    #    taken since. A checkpoint keeps both, so a resumed run replays the pass up to the same
+    #    batch and goes on exactly as the uninterrupted one would (wherever the checkpoint was taken).
+    generator = getattr(loader, "generator", None)
+    generator = generator if isinstance(generator, torch.Generator) else None
+    pass_start = generator.get_state() if generator is not None else None
+    position = 0
+
+    def loader_state() -> dict:
+        return {"generator": pass_start, "position": position}
+
+    # 3. resume if a checkpoint file is there
     history = History()
+    batches = None
     if checkpoint is not None and checkpoint.exists():
         history = checkpoint.load()
+        saved = checkpoint.loader_state
+        if saved is not None:
+            if generator is not None and saved.get("generator") is not None:
+                generator.set_state(saved["generator"])
+                pass_start = saved["generator"]
+            batches, position = iter(loader), int(saved["position"])
+            for _ in range(position):                    # replay this pass up to the saved batch
+                next(batches)
         print(f"{desc}: resumed from {checkpoint.path} at step {history.steps}")
     prior_s = history.seconds
     history.stopped_by = "max_steps"
 
-    # 3. the loop: fetch a batch, take a step, check, record, maybe save
+    # 4. the loop: fetch a batch, take a step, check, record, maybe save
     t0 = time.perf_counter()
-    batches = iter(loader)
+    if batches is None:
+        batches = iter(loader)
     bar = progress(total=max_steps, initial=history.steps, desc=desc)
     try:
         while history.steps < max_steps:
             if budget_s is not None and time.perf_counter() - t0 >= budget_s:
-                history.stopped_by = "budget"
-                break
+                if checkpoint is not None and checkpoint.saved_step != history.steps:
+                    checkpoint.save(history, loader_state())
+                raise FuseBlown(f"{desc}: reached {history.steps} of {max_steps} steps in its {budget_s:g} s fuse; "
+                                "this machine is slower than the profile expects (the step count decides "
+                                "the result, the fuse only guards the clock)")
             try:
                 batch = next(batches)
             except StopIteration:  # end of an epoch: start the next pass
-                batches = iter(loader)
+                pass_start = generator.get_state() if generator is not None else None
+                batches, position = iter(loader), 0
                 try:
                     batch = next(batches)
                 except StopIteration:
                     raise ValueError("loader: yielded no batches") from None
+            position += 1
 
             i = history.steps
             measured = _as_floats(step(batch, i), i)
@@ -323,16 +403,16 @@ def fit(step: Callable[[Any, int], Mapping[str, float]], loader: Iterable, *, ma
                 # refresh=False: the bar redraws at its own pace (rarely, in static output)
                 bar.set_postfix({k: f"{history.mean_last(k, log_every):.4g}" for k in history.values}, refresh=False)
             if checkpoint is not None and checkpoint.due(history.steps):
-                checkpoint.save(history)
+                checkpoint.save(history, loader_state())
     finally:
         bar.close()
 
-    # 4. final save and a one-line summary
+    # 5. final save and a one-line summary
     history.seconds = prior_s + time.perf_counter() - t0
     if checkpoint is not None and checkpoint.saved_step != history.steps:
-        checkpoint.save(history)
+        checkpoint.save(history, loader_state())
     summary = ", ".join(f"{k} {history.mean_last(k, log_every):.4g}" for k in history.values)
-    print(f"{desc}: {history.steps} steps in {history.seconds:.1f} s (stopped by {history.stopped_by})"
+    print(f"{desc}: {history.steps} steps in {history.seconds:.1f} s"
           + (f"; last {log_every}: {summary}" if summary else ""))
     return history
 
@@ -351,7 +431,8 @@ def save_model(path: str | Path, model: nn.Module, config: Any) -> Path:
     if cfg is None:
         raise ValueError("config: a saved model needs the config that builds it, got None")
     path = Path(path)
-    _atomic_save({"config": cfg, "model": model.state_dict()}, path)
+    weights = model.state_dict()
+    _atomic_save({"config": cfg, "model": weights, "sha256": _digest(weights)}, path)
     return path
 
 
@@ -366,10 +447,14 @@ def load_model(path: str | Path, build: Callable[[dict], nn.Module],
     if not callable(build):
         raise TypeError(f"build: expected a function config -> nn.Module, got {type(build).__name__}")
     path = Path(path)
-    saved = _read(path, "model")
+    saved = _read(path, "model", "model")
     if "config" not in saved or "model" not in saved:
         raise ValueError(f"{path}: not a saved model (expected keys 'config' and 'model', found {sorted(saved)})")
-    model = build(saved["config"])
+    try:
+        model = build(saved["config"])
+    except (TypeError, ValueError, KeyError) as e:      # another model's config
+        raise ValueError(f"{path}: holds a model whose config does not build this network "
+                         f"(config keys: {', '.join(sorted(map(str, saved['config'])))}): {e}") from e
     if not isinstance(model, nn.Module):
         raise TypeError(f"build: returned a {type(model).__name__}, not a torch.nn.Module")
     try:

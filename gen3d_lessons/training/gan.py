@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..profiles import step_cap
 from ..losses import gradient_penalty
 from .fit import History, fit
 
@@ -248,9 +249,11 @@ def train_gan(G: nn.Module, D: nn.Module, batches: Any, *, loss: str, max_steps:
     Every ``probe_every`` steps (and at the last one) ``probe(generator)`` — e.g. the FD of its
     samples in the yardstick encoder — is added to that step's record; it sees the EMA generator
     when there is one. With ``keep_best="fd"`` the generator returned is the one of the probe
-    with the lowest ``fd`` (a model selection: say so when you report it), else the last one.
+    with the lowest ``fd`` (a model selection: probe a validation split, never the data the
+    chapter reports on), else the last one. ``budget_s`` is :func:`fit`'s fuse.
     Returns the generator to sample from (the EMA copy, or ``G``) and the history.
     """
+    max_steps = step_cap(max_steps)                 # a dry run's cap, so that the last probe still runs
     opt_g = torch.optim.Adam(G.parameters(), lr=lr_g, betas=betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=lr_d, betas=betas)
     if keep_best is not None and probe is None:
@@ -273,9 +276,6 @@ def train_gan(G: nn.Module, D: nn.Module, batches: Any, *, loss: str, max_steps:
         return out
 
     history = fit(step, batches, max_steps=max_steps, budget_s=budget_s, desc=desc)
-    if probe is not None and history.stopped_by == "budget" and history.steps:
-        for key, value in measure(history.steps - 1).items():     # the budget stopped it between probes
-            history.values.setdefault(key, [float("nan")] * history.steps)[-1] = float(value)
     if best["state"] is not None:
         final.load_state_dict(best["state"])
         print(f"{desc}: kept the generator of step {best['step']} ({keep_best} {best['value']:.3g})")
