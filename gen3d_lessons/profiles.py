@@ -71,18 +71,23 @@ def pick_profile(requested: str | None = None) -> str:
 MAX_STEPS_ENV = "GEN3D_MAX_STEPS"
 
 
-def max_steps_cap() -> int | None:
-    """The step cap of a dry run (env ``GEN3D_MAX_STEPS``), or None in an ordinary run."""
-    raw = os.environ.get(MAX_STEPS_ENV)
+def _positive_int_env(name: str) -> int | None:
+    """The positive integer in environment variable ``name``; None if unset or empty."""
+    raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return None
     try:
-        cap = int(raw)
+        value = int(raw)
     except ValueError:
-        cap = 0
-    if cap < 1:
-        raise ValueError(f"{MAX_STEPS_ENV}: expected a positive integer, got {raw!r}")
-    return cap
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {raw!r}")
+    return value
+
+
+def max_steps_cap() -> int | None:
+    """The step cap of a dry run (env ``GEN3D_MAX_STEPS``), or None in an ordinary run."""
+    return _positive_int_env(MAX_STEPS_ENV)
 
 
 def step_cap(steps: int) -> int:
@@ -113,16 +118,8 @@ def seed_everything(seed: int) -> None:
 
 def pick_threads() -> int:
     """The CPU thread count: env ``GEN3D_THREADS`` if set, else every core of the machine."""
-    raw = os.environ.get("GEN3D_THREADS")
-    if raw is None or raw.strip() == "":
-        return max(1, os.cpu_count() or 1)
-    try:
-        threads = int(raw)
-    except ValueError:
-        threads = 0
-    if threads < 1:
-        raise ValueError(f"GEN3D_THREADS: expected a positive integer, got {raw!r}")
-    return threads
+    threads = _positive_int_env("GEN3D_THREADS")
+    return max(1, os.cpu_count() or 1) if threads is None else threads
 
 
 def _pick_device(profile: str) -> torch.device:
