@@ -59,6 +59,7 @@ FATAL_WARNINGS = re.compile(
     r"undefined label|unknown document|nonexisting document|isn't included in any toctree"
     r"|not found in the toc|\[toc\.|\[ref\.|\[myst\.xref_missing\]|xref_missing"
     r"|could not find bibtex key|citation not found|Unknown target name|\[bibtex\."
+    r"|\[mystnb\.glue\]"          # a glued number that is missing or glued twice: the prose would lie
 )
 
 
