@@ -378,8 +378,12 @@ def goal_text(goal_met: bool | list | None) -> str:
 
 def glue_values(**values: Any) -> None:
     """Glue numbers (or strings) for the prose: ``glue_values(dice=0.87)``, then
-    ``{glue:text}`dice:.3f``` in a markdown cell. Silent (nothing is displayed)."""
-    from myst_nb import glue
+    ``{glue:text}`dice:.3f``` in a markdown cell. Silent (nothing is displayed). Without MyST-NB
+    (the ``[book]`` extra), e.g. in a reader's Colab, there is no book to glue into: nothing happens."""
+    try:
+        from myst_nb import glue
+    except ImportError:
+        return
 
     for key, value in values.items():
         glue(key, _number(value) if hasattr(value, "item") else value, display=False)

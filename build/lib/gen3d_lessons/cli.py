@@ -1,0 +1,163 @@
+"""The ``gen3d`` command: make the datasets, run a chapter, build the book, print the report.
+
+    gen3d data brain|heart|all [--n 64] [--size 64] [--frames 16] [--seed 0] [--out PATH]
+    gen3d chapters
+    gen3d run 1 [--profile cpu]
+    gen3d book [--profile cpu] [--only 1,2] [--no-build | --no-run]
+    gen3d report [--json]
+
+Every user error (a bad argument, a missing or foreign folder, a corrupt file) is one line on
+stderr and exit status 2; ``gen3d --debug ...`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from . import book
+
+DATASETS = ("brain", "heart")
+
+
+def _make_dataset(kind: str, out: Path, args: argparse.Namespace) -> None:
+    """Write one phantom dataset into ``out`` (atomically: see :func:`data.write_dataset`)."""
+    from .data import _complete, check_params, write_dataset
+
+    params = dict(n=args.n, size=args.size, seed=args.seed) | (dict(frames=args.frames) if kind == "heart" else {})
+    check_params(kind, params)                      # before anything is looked at or written
+    if not args.force and out.is_dir() and _complete(out, args.n):
+        print(f"{kind}: {out} exists, skipping (--force to remake it)")
+        return
+    start = time.perf_counter()
+    write_dataset(kind, out, force=args.force, **params)
+    print(f"{kind}: wrote {out} ({args.n} subjects, {args.size}^3, "
+          f"{time.perf_counter() - start:.1f} s)")
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    kinds = DATASETS if args.dataset == "all" else (args.dataset,)
+    paths = book.BookPaths.at(args.root)
+    for kind in kinds:
+        if args.out is None:
+            out = paths.data / kind
+        elif args.dataset == "all":
+            out = Path(args.out) / kind          # --out is the parent folder for 'all'
+        else:
+            out = Path(args.out)
+        _make_dataset(kind, out, args)
+    return 0
+
+
+def cmd_chapters(args: argparse.Namespace) -> int:
+    for chapter in book.chapters(book.BookPaths.at(args.root), missing_ok=True):
+        state = "" if chapter.path.is_file() else "  (not written yet)"
+        print(f"{chapter.number:>3}  {chapter.docname:<28} {chapter.title}{state}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    paths = book.BookPaths.at(args.root)
+    row = book.run_one(args.chapter, profile=args.profile, paths=paths)
+    print()
+    print(book.format_report({"chapters": [asdict(row)]}))
+    if row.metrics:
+        print("metrics: " + ", ".join(f"{k}={book._fmt(v)}" for k, v in row.metrics.items()))
+    print(f"executed notebook: {row.executed}")
+    return 0 if row.ok else 1
+
+
+def cmd_book(args: argparse.Namespace) -> int:
+    return book.build_book(book.BookPaths.at(args.root), profile=args.profile, only=args.only,
+                           run=not args.no_run, build=not args.no_build)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    paths = book.BookPaths.at(args.root)
+    report = book.load_report(paths)
+    if report is None:
+        print(f"no report yet ({paths.report_json}); run `gen3d book` or `make book` first",
+              file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else book.format_report(report))
+    rows = book.rows_of(report)
+    return 0 if all(r.ok or r.status == "not run" for r in rows) else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="gen3d", description="gen3d: make the datasets, run a chapter, build the book, "
+                                  "print the report.")
+    top.add_argument("--root", default=None,
+                     help="the book's folder (the one with _toc.yml); found automatically")
+    top.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="make the synthetic brain and heart datasets")
+    data.add_argument("dataset", choices=(*DATASETS, "all"))
+    data.add_argument("--n", type=int, default=64, help="subjects (default 64)")
+    data.add_argument("--size", type=int, default=64, help="edge of the volume (default 64)")
+    data.add_argument("--frames", type=int, default=16, help="heart: frames per cycle (16)")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--out", default=None,
+                      help="dataset folder (for 'all': the parent folder); default data/<name>")
+    data.add_argument("--force", action="store_true", help="remake an existing dataset")
+    data.set_defaults(func=cmd_data)
+
+    chapters = sub.add_parser("chapters", help="list the chapters of the toc")
+    chapters.set_defaults(func=cmd_chapters)
+
+    run = sub.add_parser("run", help="execute one chapter and print its result")
+    run.add_argument("chapter", help="number (1) or name (ch01_volumes)")
+    run.add_argument("--profile", choices=book.PROFILES, default=None,
+                     help="default: gpu with CUDA, else cpu")
+    run.set_defaults(func=cmd_run)
+
+    build = sub.add_parser("book", help="run every chapter and build the site")
+    build.add_argument("--profile", choices=book.PROFILES, default=None,
+                       help="default: gpu with CUDA, else cpu")
+    build.add_argument("--only", default=None, help="comma-separated chapters, e.g. 1,2")
+    build.add_argument("--no-build", action="store_true", help="run chapters, skip the site")
+    build.add_argument("--no-run", action="store_true",
+                       help="rebuild the site from the last executed notebooks")
+    build.set_defaults(func=cmd_book)
+
+    report = sub.add_parser("report", help="print the last run report")
+    report.add_argument("--json", action="store_true")
+    report.set_defaults(func=cmd_report)
+    return top
+
+
+def error_line(exc: BaseException) -> str:
+    """One line that says what went wrong and where, for any error a user can cause."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename if exc.filename is not None else ""
+        return f"{where}: {exc.strerror}" if where else exc.strerror
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.root is not None and not (Path(args.root) / "_toc.yml").is_file():
+            raise FileNotFoundError(f"--root {args.root}: no _toc.yml there; give the book's folder")
+        return args.func(args)
+    except (ValueError, KeyError, OSError, AssertionError) as exc:   # DataError is a ValueError
+        if args.debug:
+            raise
+        print(f"gen3d: {error_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gen3d: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

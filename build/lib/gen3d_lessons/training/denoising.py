@@ -1,0 +1,125 @@
+"""Step functions of chapter 11: a denoiser trained with MSE, and its RED-WGAN fine-tuning.
+
+Both take a batch of :class:`~gen3d_lessons.data.datasets.VolumeDataset` items, with the
+degraded volume under ``inputs`` (default ``"lowdose"``) and the full-dose reference under
+``target`` (default ``"image"``), both ``(B, C, D, H, W)``. Bind the models and optimizers
+with :func:`functools.partial` and hand the result to :func:`~gen3d_lessons.training.fit`::
+
+    step = partial(mse_step, model=red, opt=opt, device=run.device)
+    history = fit(step, loader, max_steps=run.max_steps, budget_s=run.budget_s)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import gradient_penalty
+
+PAIR_KEYS = ("lowdose", "image", "label")
+
+
+# 1. Augmentation: random patches and flips ----------------------------------------------------
+
+def augment(item: Mapping[str, Any], patch: int | None = None, keys: tuple[str, ...] = PAIR_KEYS) -> dict[str, Any]:
+    """For ``VolumeDataset(transform=partial(augment, patch=24))``: cut the same random
+    ``patch``³ box out of every volume in ``keys`` (None: keep the whole volume), then flip them
+    all the same way along each spatial axis with probability 1/2.
+
+    Both are valid for denoising: noise and blur are the same everywhere and in every direction,
+    so a flipped or cropped pair is as true a training pair as the original, and a convolutional
+    network applies to the whole volume what it learned on patches. Small patches give more,
+    more varied samples per second of CPU. Uses torch's global generator, which
+    :func:`~gen3d_lessons.profiles.setup` seeds.
+    """
+    out = dict(item)
+    present = [k for k in keys if k in out]
+    if not present:
+        raise ValueError(f"augment: none of the keys {keys} is in the item (it has {sorted(out)})")
+    shape = out[present[0]].shape[1:]                            # item volumes are (C, D, H, W)
+    # 1. a random box, the same for every key
+    if patch is not None:
+        if not isinstance(patch, int) or not 1 <= patch <= min(shape):
+            raise ValueError(f"patch: expected an integer edge in 1..{min(shape)} for volumes {tuple(shape)}, got {patch!r}")
+        corner = [int(torch.randint(0, n - patch + 1, ())) for n in shape]
+        box = (slice(None), *(slice(c, c + patch) for c in corner))
+        for key in present:
+            out[key] = out[key][box]
+    # 2. random flips, the same for every key
+    axes = [a for a in (1, 2, 3) if torch.rand(()) < 0.5]
+    if axes:
+        for key in present:
+            out[key] = out[key].flip(axes)
+    return out
+
+
+# 2. The denoising autoencoder objective ---------------------------------------------------------
+
+def mse_step(batch: Mapping[str, Any], i: int, *, model: nn.Module, opt: torch.optim.Optimizer,
+             sched: Any = None, device: torch.device | str = "cpu", inputs: str = "lowdose",
+             target: str = "image") -> dict[str, float]:
+    """One step of the denoising autoencoder objective (survey Eq. 9): ``E ||y − G(x)||²``.
+
+    ``sched`` is an optional learning-rate scheduler, stepped once per step.
+    """
+    x, y = batch[inputs].to(device), batch[target].to(device)   # (B, C, D, H, W) low dose, full dose
+    model.train()
+    # 1. denoise
+    y_hat = model(x)
+    # 2. voxel-wise squared error against the full-dose volume
+    loss = F.mse_loss(y_hat, y[:, : y_hat.shape[1]])
+    # 3. update
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return {"mse": loss.item()}
+
+
+# 3. RED-WGAN: the same objective plus a Wasserstein critic ------------------------------------
+
+def red_wgan_step(batch: Mapping[str, Any], i: int, *, generator: nn.Module, critic: nn.Module,
+                  opt_g: torch.optim.Optimizer, opt_c: torch.optim.Optimizer, device: torch.device | str = "cpu",
+                  lambda_adv: float = 1e-3, lambda_gp: float = 10.0, n_critic: int = 1, critic_warmup: int = 0,
+                  inputs: str = "lowdose", target: str = "image") -> dict[str, float]:
+    """One RED-WGAN step (Ran et al. 2019): a WGAN-GP critic update, then every ``n_critic``
+    steps a generator update with ``MSE + lambda_adv · (−D(G(x)))``.
+
+    During the first ``critic_warmup`` steps only the critic learns: a generator that starts
+    from MSE-trained weights would otherwise follow the gradients of a critic that still
+    knows nothing.
+
+    The critic sees full-dose volumes (real) and denoised ones (fake), not the low-dose input:
+    it judges whether a volume *looks* full-dose. The MSE term keeps the output tied to this
+    subject's anatomy; the adversarial term pulls it towards full-dose texture.
+    """
+    x, y = batch[inputs].to(device), batch[target].to(device)   # (B, C, D, H, W)
+    generator.train(), critic.train()
+    update_g = i >= critic_warmup and (i - critic_warmup) % n_critic == 0
+    # 0. denoise once; keep the graph only if the generator learns this step
+    with torch.set_grad_enabled(update_g):
+        y_hat = generator(x)                                     # (B, C, D, H, W)
+    y = y[:, : y_hat.shape[1]]
+    # 1. critic: maximise D(real) − D(fake), i.e. minimise its negative, plus the gradient penalty
+    fake = y_hat.detach()
+    w_dist = critic(y).mean() - critic(fake).mean()             # estimate of the Wasserstein-1 distance
+    gp = gradient_penalty(critic, y, fake)
+    opt_c.zero_grad(set_to_none=True)
+    (-w_dist + lambda_gp * gp).backward()
+    opt_c.step()
+    out = {"w_dist": w_dist.item(), "gp": gp.item()}
+    # 2. generator: stay close to the reference (MSE) and fool the critic (adversarial term)
+    if update_g:
+        critic.requires_grad_(False)                            # no critic gradients needed here
+        mse = F.mse_loss(y_hat, y)
+        adv = -critic(y_hat).mean()
+        opt_g.zero_grad(set_to_none=True)
+        (mse + lambda_adv * adv).backward()
+        opt_g.step()
+        critic.requires_grad_(True)
+        out.update(mse=mse.item(), adv=adv.item())
+    return out
