@@ -1,8 +1,0 @@
-"""Training: one generic loop (:func:`fit`), its :class:`History`, checkpoints, saved models.
-
-The step functions of each model family live beside this module; ``fit`` knows none of them.
-"""
-
-from .fit import Checkpoint, FuseBlown, History, fit, load_model, save_model
-
-__all__ = ["fit", "History", "Checkpoint", "FuseBlown", "save_model", "load_model"]
