@@ -50,7 +50,6 @@ DATA_ENV = "GEN3D_DATA"     # read by gen3d_lessons.data.data_root()
 BUILD_ENV = "GEN3D_BUILD_DIR"   # where runs and builds write (default <root>/_build); must end in _build
 PROFILE_ENV = "GEN3D_PROFILE"
 CHAPTER_ENV = "GEN3D_CHAPTER"
-MAX_STEPS_ENV = "GEN3D_MAX_STEPS"   # a dry run's step cap (profiles.step_cap): nothing is checked
 STATIC_ENV = "GEN3D_STATIC"
 REPORT_DOCNAME = "book/report"    # the run-report page, generated into the staged sources
 
@@ -276,9 +275,11 @@ def record(chapter: str, headline: dict | None, metrics: dict | None = None, run
     learning. After writing ``<chapter>.json``, a missed gate raises ``AssertionError`` naming
     every miss. Returns a table (a pandas DataFrame) of the checks and metrics to display.
     """
+    from .profiles import max_steps_cap       # the one reading of GEN3D_MAX_STEPS (imports torch)
+
     profile = _profile_of(run)
     name = os.environ.get(CHAPTER_ENV) or str(chapter)
-    dry_run = os.environ.get(MAX_STEPS_ENV) or None
+    dry_run = max_steps_cap()
     checked = profile != "smoke" and dry_run is None
     rows = ([] if headline is None else [_check(headline, "headline", profile, checked)])
     rows += [_check(c, f"checks[{i}]", profile, checked) for i, c in enumerate(checks)]
@@ -289,7 +290,7 @@ def record(chapter: str, headline: dict | None, metrics: dict | None = None, run
         "chapter": name,
         "label": str(chapter),
         "profile": profile,
-        "dry_run": None if dry_run is None else int(dry_run) if dry_run.isdigit() else dry_run,
+        "dry_run": dry_run,                                 # the step cap, or None
         "metric": head and head["metric"],
         "value": head and head["value"],
         "gate": head and head["gate"],
@@ -1012,18 +1013,11 @@ def offsite_assets(html: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 def default_profile() -> str:
-    """``$GEN3D_PROFILE`` if set, else ``gpu`` where CUDA works, else ``cpu``."""
-    env = (os.environ.get(PROFILE_ENV) or "").strip().lower()
-    if env:
-        if env not in PROFILES:
-            raise ValueError(f"{PROFILE_ENV}: unknown profile {env!r}; expected one of {', '.join(PROFILES)}")
-        return env
-    try:
-        import torch
+    """``$GEN3D_PROFILE`` if set, else ``gpu`` where CUDA works, else ``cpu``
+    (:func:`gen3d_lessons.profiles.pick_profile`, imported here: it needs torch)."""
+    from .profiles import pick_profile
 
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    except Exception:
-        return "cpu"
+    return pick_profile()
 
 
 def parse_only(only: str | Sequence[str] | None) -> list[str] | None:

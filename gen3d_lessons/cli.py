@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.root is not None and not (Path(args.root) / "_toc.yml").is_file():
             raise FileNotFoundError(f"--root {args.root}: no _toc.yml there; give the book's folder")
         return args.func(args)
-    except (ValueError, KeyError, OSError, AssertionError) as exc:   # DataError is a ValueError
+    except (ValueError, KeyError, OSError) as exc:   # DataError is a ValueError
         if args.debug:
             raise
         print(f"gen3d: {error_line(exc)}", file=sys.stderr)

@@ -166,6 +166,19 @@ def test_pca_reconstructs_training_volumes_exactly_with_n_minus_1_components():
     assert err[0] > err[1] > err[2] > 0
 
 
+def test_pca_samples_have_the_training_variance_along_each_component():
+    x = torch.randn(8, 1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    pca = PCA3D(3).fit(x)
+    samples = pca.sample(4000, torch.Generator().manual_seed(1))
+    assert samples.shape == (4000, 1, 4, 4, 4)
+    var = pca.encode(samples).var(0)                                      # back in component space
+    assert torch.allclose(var, pca.explained_variance.float(), rtol=0.1)
+    again = pca.sample(4000, torch.Generator().manual_seed(1))
+    assert torch.equal(samples, again)
+    with pytest.raises(ValueError, match="fit"):
+        PCA3D(2).sample(1)
+
+
 def test_pca_rejects_bad_use():
     with pytest.raises(ValueError, match="at least"):
         PCA3D(5).fit(volumes(5))

@@ -14,6 +14,7 @@ import nbformat
 import pytest
 
 from gen3d_lessons import book, cli
+from gen3d_lessons.profiles import MAX_STEPS_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,7 +89,7 @@ def test_record_checks_nothing_in_smoke_nor_in_a_dry_run(results, monkeypatch):
     saved = _read(results, "ch03")
     assert saved["passed"] is None and saved["goal_met"] is None
     monkeypatch.setenv(book.PROFILE_ENV, "gpu")
-    monkeypatch.setenv(book.MAX_STEPS_ENV, "2")
+    monkeypatch.setenv(MAX_STEPS_ENV, "2")
     book.record("ch03", dict(metric="mmd", value=9.0, gate=0.1, goal=0.1, higher_is_better=False))
     saved = _read(results, "ch03")
     assert saved["passed"] is None and saved["goal_met"] is None and saved["dry_run"] == 2

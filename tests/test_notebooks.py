@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from gen3d_lessons.book import MAX_STEPS_ENV
+from gen3d_lessons.profiles import MAX_STEPS_ENV
 from gen3d_lessons.book import BookPaths, chapters, run_chapter
 
 ROOT = BookPaths.at(os.environ.get("GEN3D_BOOK_ROOT"))

@@ -176,7 +176,6 @@ def write_dataset(kind: str, out: str | Path, *, force: bool = False, progress: 
             from .heart import make_heart_dataset
             make_heart_dataset(tmp, n=full["n"], size=full["size"], frames=full["frames"], seed=full["seed"],
                                progress=progress, **generator)
-        (tmp / MARKER).write_text(json.dumps({"kind": kind, **full, **generator}, sort_keys=True))
         _check_out(out)                                 # nobody put files there in the meantime
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():

@@ -223,5 +223,13 @@ class PCA3D:
         """The projection of ``x`` onto the mean plus the span of the ``k`` components."""
         return self.decode(self.encode(x))
 
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` new volumes from probabilistic PCA: each coefficient ``z_j ~ N(0, λ_j)`` with
+        ``λ_j`` the variance along component j, then decoded: (n, C, D, H, W). The book's linear
+        baseline for every sampler."""
+        self._fitted()
+        z = torch.randn(n, self.k, generator=generator)                    # (n, k) ~ N(0, I)
+        return self.decode(z * self.explained_variance.float().sqrt())
+
 
 __all__ = ["AEConfig", "Autoencoder3D", "UNetAutoencoder3D", "PCA3D", "check_volumes"]
