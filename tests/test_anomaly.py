@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gen3d_lessons import spatial
-from gen3d_lessons.anomaly import (ResidualDetector, StandardisedDetector, VQTransformerDetector, ZScoreAtlas,
+from gen3d_lessons.tasks.anomaly import (ResidualDetector, StandardisedDetector, VQTransformerDetector, ZScoreAtlas,
                                    age_site_condition,
                                    best_dice, evaluate, invert_displacement, phantom_cohort, score,
                                    signed_residual, to_subject, to_template, volume_scores, voxel_metrics)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from gen3d_lessons import baselines_denoising as bd
+from gen3d_lessons.baselines import denoising as bd
 from gen3d_lessons.models.denoising import Critic3D, CriticConfig, RED3D, REDConfig, denoise
 from gen3d_lessons.training import fit, load_model, save_model
 from gen3d_lessons.training.denoising import augment, mse_step, red_wgan_step

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from gen3d_lessons import spatial
 from gen3d_lessons.models.registration import RegistrationConfig, VoxelMorph, similarity_force
-from gen3d_lessons.register import Registered, iterative_path, register, register_affine, register_iterative, warp_labels
+from gen3d_lessons.tasks.register import Registered, iterative_path, register, register_affine, register_iterative, warp_labels
 from gen3d_lessons.training import load_model, save_model
 from gen3d_lessons.training.registration import RegistrationLoss, atlas_batches, pair_batches, registration_step
 
@@ -280,7 +280,7 @@ def test_register_rejects_bad_input_with_clear_errors():
 
 def test_register_refuses_overflow_and_non_finite_results():
     import numpy as np
-    from gen3d_lessons.register import register
+    from gen3d_lessons.tasks.register import register
 
     big = np.full((8, 8, 8), 1e300)
     big[2:5, 2:5, 2:5] = 2e300

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gen3d_lessons.baselines_segmentation import (atlas_segmentation, heart_intensity_segmentation,
+from gen3d_lessons.baselines.segmentation import (atlas_segmentation, heart_intensity_segmentation,
                                                   register_affine, threshold_segmentation)
 from gen3d_lessons.data.errors import DataError
 from gen3d_lessons.models.segmentation import (PatchDiscriminator3D, PatchDiscriminatorConfig, VAERegConfig,
@@ -19,7 +19,7 @@ from gen3d_lessons.models.segmentation import (PatchDiscriminator3D, PatchDiscri
 from gen3d_lessons.models.unet import UNet3D, UNetConfig, pad_to_multiple
 from gen3d_lessons.data.datasets import read_dataset
 from gen3d_lessons.metrics import hd95
-from gen3d_lessons.segment import (SegmenterConfig, SynthConfig, load_segmenter, model_grid, normalize_intensity,
+from gen3d_lessons.tasks.segment import (SegmenterConfig, SynthConfig, load_segmenter, model_grid, normalize_intensity,
                                    predict, predict_labels, save_segmenter, score_segmentation, synthesize,
                                    train_brain_segmenter, unseen_conditions)
 from gen3d_lessons.training import fit

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from gen3d_lessons import yardstick as Y
+from gen3d_lessons.tasks import yardstick as Y
 from gen3d_lessons.data.msd import Case, write_msd_dataset
 from gen3d_lessons.data.nifti import spacing_affine
 from gen3d_lessons.models.encoder import Encoder3D, EncoderConfig

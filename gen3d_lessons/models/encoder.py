@@ -7,7 +7,7 @@ a few strided convolutions, global average pooling, and a feature vector ``f(x)`
 ``feature_dim`` numbers. During training, small linear heads on ``f(x)`` predict what is known
 about each phantom — age, scanner site, whether it has lesions, and its CSF / GM / WM volumes —
 so that the features must encode anatomy, contrast and pathology. After training only
-``features`` is used, frozen (see :mod:`gen3d_lessons.yardstick`).
+``features`` is used, frozen (see :mod:`gen3d_lessons.tasks.yardstick`).
 
 Shapes: ``x: (B, C, D, H, W)``, ``features: (B, F)``; heads ``age: (B,)``, ``site: (B, S)``
 logits, ``lesion: (B,)`` logit, ``volumes: (B, 3)`` (standardised CSF, GM, WM).

@@ -4,7 +4,7 @@
 
 ``RegistrationLoss`` holds the recipe (which similarity, which regulariser, the weights); the same
 object scores a network's output during training and a field optimised per pair in
-:func:`gen3d_lessons.register.register_iterative`, so the two are compared on one objective.
+:func:`gen3d_lessons.tasks.register.register_iterative`, so the two are compared on one objective.
 """
 
 from __future__ import annotations

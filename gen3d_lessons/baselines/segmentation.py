@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .data.io import check_volume
+from ..data.io import check_volume
 
 
 # 1. Intensity thresholds -----------------------------------------------------------------------

@@ -42,9 +42,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import spatial
-from .data.errors import DataError
-from .data.io import check_volume
+from .. import spatial
+from ..data.errors import DataError
+from ..data.io import check_volume
 
 POLARITIES = ("bright", "dark", "both")
 
@@ -96,8 +96,8 @@ def phantom_cohort(n_healthy: int, n_lesioned: int = 0, *, size: int = 32, seed:
     uses ``subject_seed(seed, i)``: two cohorts with different ``seed`` share no subject.
     ``lesion_radius_mm`` overrides the phantom's lesion size (``BrainConfig.lesion_radius_mm``).
     """
-    from .data.brain import BRAIN_CHANNELS, BrainConfig, make_brain_subject, subject_seed
-    from .progress import progress as bar
+    from ..data.brain import BRAIN_CHANNELS, BrainConfig, make_brain_subject, subject_seed
+    from ..progress import progress as bar
 
     for name, n in (("n_healthy", n_healthy), ("n_lesioned", n_lesioned)):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
@@ -319,7 +319,7 @@ class VQTransformerDetector(Detector):
     @torch.no_grad()
     def heal(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(healed codes (B, d, h, w), resampled mask (B, d, h, w) bool)."""
-        from .models.vqvae import to_grid, to_sequence
+        from ..models.vqvae import to_grid, to_sequence
 
         self.transformer.eval()
         s = to_sequence(codes).clone()                                   # (B, T)

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from . import metrics
-from .data.io import check_volume
+from .. import metrics
+from ..data.io import check_volume
 
 
 def _volume(x: Any, name: str) -> np.ndarray:

@@ -61,13 +61,13 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
-from .data import data_root
-from .data.datasets import VolumeDataset, read_dataset
-from .data.io import check_volume
-from .metrics import _features, _sq_dists, mmd
-from .models.encoder import Encoder3D, EncoderConfig
-from .training import fit, load_model, save_model
-from .profiles import step_cap
+from ..data import data_root
+from ..data.datasets import VolumeDataset, read_dataset
+from ..data.io import check_volume
+from ..metrics import _features, _sq_dists, mmd
+from ..models.encoder import Encoder3D, EncoderConfig
+from ..training import fit, load_model, save_model
+from ..profiles import step_cap
 
 __all__ = ["frechet_distance", "kid", "mmd", "one_nn_accuracy", "ms_ssim", "ms_ssim_diversity", "memorisation",
            "data_version", "load_volumes", "encoder_step", "YardstickEncoder", "load_or_train_encoder",

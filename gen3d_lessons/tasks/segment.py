@@ -1,6 +1,6 @@
 """Segmenting volumes with a trained network, scoring the result, and the book's T1 segmenter.
 
-    from gen3d_lessons.segment import predict
+    from gen3d_lessons.tasks.segment import predict
     labels = predict("my_t1.nii.gz")          # a nibabel image on the input's own grid
     labels.to_filename("my_t1_labels.nii.gz") # 0 background, 1 CSF, 2 GM, 3 WM
 
@@ -32,10 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import spatial
-from .data.errors import DataError
-from .data.io import check_volume, load_nifti
-from .models.unet import UNet3D, UNetConfig, pad_to_multiple
+from .. import spatial
+from ..data.errors import DataError
+from ..data.io import check_volume, load_nifti
+from ..models.unet import UNet3D, UNetConfig, pad_to_multiple
 
 BRAIN_TISSUES = ("background", "CSF", "GM", "WM")
 
@@ -62,21 +62,21 @@ class SegmenterConfig:
 
 def default_model_path() -> Path:
     """``data/models/brain_seg.pt`` in the book's data folder (``$GEN3D_DATA`` if set)."""
-    from .data import data_root
+    from ..data import data_root
 
     return data_root() / "models" / "brain_seg.pt"
 
 
 def load_segmenter(model_path: str | Path | None = None, device: Any = None) -> tuple[UNet3D, SegmenterConfig]:
     """The saved network (eval mode) and its :class:`SegmenterConfig`; a clear error if there is none."""
-    from .training import load_model
+    from ..training import load_model
 
     path = Path(model_path) if model_path is not None else default_model_path()
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: no trained brain segmenter here. Make one by running chapter 10 "
             "(`gen3d run 10`, or execute book/ch10_segmentation.ipynb), or call "
-            "gen3d_lessons.segment.train_brain_segmenter(...) and save_segmenter(...); "
+            "gen3d_lessons.tasks.segment.train_brain_segmenter(...) and save_segmenter(...); "
             "or pass model_path= to a model you saved.")
     saved: dict = {}
 
@@ -90,7 +90,7 @@ def load_segmenter(model_path: str | Path | None = None, device: Any = None) -> 
 
 def save_segmenter(model: UNet3D, cfg: SegmenterConfig, path: str | Path | None = None) -> Path:
     """Save the network with its config (``save_model``) where :func:`predict` looks by default."""
-    from .training import save_model
+    from ..training import save_model
 
     return save_model(default_model_path() if path is None else path, model, asdict(cfg))
 
@@ -203,7 +203,7 @@ def score_segmentation(pred: Any, target: Any, labels: dict[str, int], spacing: 
     first: the distances do not change, and the distance transforms get much cheaper when the
     structure fills a small part of the volume (a heart in a chest).
     """
-    from .metrics import _label_map, _spacing, dice
+    from ..metrics import _label_map, _spacing, dice
 
     pred, target = _label_map(pred, "pred"), _label_map(target, "target")
     if pred.shape != target.shape:
@@ -469,7 +469,7 @@ def domain_randomize(batch: dict, generator: torch.Generator, cfg: SynthConfig =
     The real crops that remain are used as they are: normalise the whole volumes with
     :func:`normalize_intensity` *before* cropping, as :func:`predict` normalises a whole scan.
     """
-    from .training.segmentation import random_flip
+    from ..training.segmentation import random_flip
 
     batch = random_flip(batch, generator)
     image, labels = batch["image"].clone(), batch["label"].clone()
@@ -501,8 +501,8 @@ def train_brain_segmenter(images: torch.Tensor, labels: torch.Tensor, spacing_mm
 
     from monai.losses import DiceCELoss
 
-    from .training import fit
-    from .training.segmentation import CropBatches, one_cycle, seg_step
+    from ..training import fit
+    from ..training.segmentation import CropBatches, one_cycle, seg_step
 
     check_volume(images, "images", ndim=5)
     check_volume(labels, "labels", ndim=5)

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import spatial
-from .data.io import check_volume
-from .training.registration import RegistrationLoss
-from .profiles import step_cap
+from .. import spatial
+from ..data.io import check_volume
+from ..training.registration import RegistrationLoss
+from ..profiles import step_cap
 
 
 # 1. Classical optimisers, one pair (or a batch of independent pairs) at a time ----------------
