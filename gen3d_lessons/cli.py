@@ -66,7 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     print(book.format_report({"chapters": [asdict(row)]}))
     if row.metrics:
-        print("metrics: " + ", ".join(f"{k}={book._fmt(v)}" for k, v in row.metrics.items()))
+        print("metrics: " + ", ".join(f"{k}={book.format_value(v)}" for k, v in row.metrics.items()))
     print(f"executed notebook: {row.executed}")
     return 0 if row.ok else 1
 

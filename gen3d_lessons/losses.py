@@ -5,10 +5,17 @@ Shapes: images ``(B, C, *S)``, displacement fields ``(B, N, *S)`` in voxels (as 
 :mod:`gen3d_lessons.spatial`), latent statistics ``(B, Z)``. Nothing below assumes three spatial
 axes, so every function works on 2D images too.
 
-- distributions: :func:`kl_to_standard_normal` (the VAE's KL term, survey Eq. 7);
-- adversarial: :func:`gradient_penalty` (WGAN-GP, survey Eq. 5);
+- reconstruction and distributions: :func:`gaussian_nll` (a VAE's reconstruction term),
+  :func:`kl_to_standard_normal` (the VAE's KL term, survey Eq. 7) and :func:`kl_per_voxel`
+  (the same KL as the VAE-regularised U-Net weighs it);
+- adversarial: :func:`discriminator_loss` / :func:`generator_loss` (non-saturating GAN, survey
+  Eq. 1, and Wasserstein critic, Eq. 5), :func:`bce_discriminator_loss` / :func:`bce_generator_loss`
+  (the non-saturating pair written with binary cross-entropy, as Vox2Vox does),
+  :func:`gradient_penalty` (WGAN-GP, Eq. 5), :func:`l1_loss` (pix2pix, Eq. 3) and
+  :func:`cycle_consistency_loss` (CycleGAN, Eq. 4);
 - similarity: :func:`mse_loss` (same contrast), :func:`ncc` / :func:`ncc_loss` (local normalised
-  cross-correlation: insensitive to a local gain and offset, so it tolerates bias fields);
+  cross-correlation: insensitive to a local gain and offset, so it tolerates bias fields),
+  :func:`global_ncc` (one gain and offset for the whole image);
 - smoothness of a deformation: :func:`gradient_loss` (diffusion regulariser, mean ``|∇u|²``) and
   :func:`bending_energy` (mean squared second derivatives: penalises curvature, not stretching);
 - overlap: :func:`soft_dice_loss` between label probabilities.
@@ -22,14 +29,60 @@ import torch
 import torch.nn.functional as F
 
 
-# 1. Distributions ------------------------------------------------------------------------------
+# 1. Reconstruction and distributions ----------------------------------------------------------
+
+def gaussian_nll(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """``−log p(x | z)`` of a Gaussian decoder with unit variance, up to a constant: the sum over
+    voxels of ``(x − x̂)² / 2`` per volume, averaged over the batch (a VAE's reconstruction term)."""
+    return 0.5 * (x_hat - x).pow(2).flatten(1).sum(1).mean()
+
 
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) per sample, (B,): 0.5 * sum(mu² + sigma² - 1 - log sigma²)."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
 
 
+def kl_per_voxel(mu: torch.Tensor, logvar: torch.Tensor, n_voxels: int) -> torch.Tensor:
+    """The batch mean of :func:`kl_to_standard_normal`, divided by ``n_voxels``: the ``L_KL`` of the
+    VAE-regularised U-Net (Myronenko 2019), which weighs the KL per voxel of the input.
+
+    The terms are summed in another order than in :func:`kl_to_standard_normal` (``− log σ² − 1``),
+    which can change the last bits; chapter 10's numbers were recorded with this order.
+    """
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(1).mean() / n_voxels
+
+
 # 2. Adversarial training ------------------------------------------------------------------------
+
+def discriminator_loss(real_score: torch.Tensor, fake_score: torch.Tensor, kind: str) -> torch.Tensor:
+    """What D minimises, from its scores on real and generated volumes (any shape, averaged)."""
+    if kind == "ns":      # −log σ(D(x)) − log(1 − σ(D(G(z)))): Eq. 1, maximised by D, with its sign flipped
+        return F.softplus(-real_score).mean() + F.softplus(fake_score).mean()
+    if kind in ("wgan", "wgan-gp"):      # E[D(G(z))] − E[D(x)]: Eq. 5 without its penalty
+        return fake_score.mean() - real_score.mean()
+    raise ValueError(f"kind: expected 'ns' or 'wgan-gp', got {kind!r}")
+
+
+def generator_loss(fake_score: torch.Tensor, kind: str) -> torch.Tensor:
+    """What G minimises, from D's scores on its volumes: ``−log σ(D(G(z)))`` or ``−E[D(G(z))]``."""
+    if kind == "ns":
+        return F.softplus(-fake_score).mean()
+    if kind in ("wgan", "wgan-gp"):
+        return -fake_score.mean()
+    raise ValueError(f"kind: expected 'ns' or 'wgan-gp', got {kind!r}")
+
+
+def bce_discriminator_loss(real_score: torch.Tensor, fake_score: torch.Tensor) -> torch.Tensor:
+    """The ``"ns"`` :func:`discriminator_loss` written as binary cross-entropy on logits (real → 1,
+    fake → 0) and halved, as pix2pix and Vox2Vox do "to slow down the rate at which D learns"."""
+    return 0.5 * (F.binary_cross_entropy_with_logits(real_score, torch.ones_like(real_score))
+                  + F.binary_cross_entropy_with_logits(fake_score, torch.zeros_like(fake_score)))
+
+
+def bce_generator_loss(fake_score: torch.Tensor) -> torch.Tensor:
+    """The ``"ns"`` :func:`generator_loss` as binary cross-entropy: the fakes labelled real (1)."""
+    return F.binary_cross_entropy_with_logits(fake_score, torch.ones_like(fake_score))
+
 
 def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
                      fake: torch.Tensor) -> torch.Tensor:
@@ -49,6 +102,18 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
     # 3. distance of each sample's gradient norm from 1
     norms = grad.flatten(1).norm(dim=1)                          # (B,)
     return ((norms - 1) ** 2).mean()
+
+
+def l1_loss(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference ``E |output − target|``: pix2pix's L1 term (survey Eq. 3)."""
+    if output.shape != target.shape:
+        raise ValueError(f"output: shape {tuple(output.shape)} does not match target {tuple(target.shape)}")
+    return (output - target).abs().mean()
+
+
+def cycle_consistency_loss(x: torch.Tensor, x_cycled: torch.Tensor) -> torch.Tensor:
+    """CycleGAN's ``L_cyc`` for one direction: ``E ||F(G(x)) − x||₁``, the :func:`l1_loss` of the round trip."""
+    return l1_loss(x, x_cycled)
 
 
 # 3. Registration: similarity, smoothness, overlap -----------------------------------------------
@@ -106,6 +171,21 @@ def ncc(fixed: torch.Tensor, warped: torch.Tensor, window: int = 7, eps: float =
 def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 7) -> torch.Tensor:
     """``1 - ncc``: 0 for images that agree up to a local gain and offset."""
     return 1.0 - ncc(fixed, warped, window)
+
+
+def global_ncc(fixed: torch.Tensor, warped: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Normalised cross-correlation of each whole image, averaged over the batch: 1 for a perfect linear match.
+
+    ``cc = Σ (f − f̄)(w − w̄) / (‖f − f̄‖ ‖w − w̄‖)`` over all of a (C, *S) image, signed (−1 for an
+    inverted contrast): one gain and offset for the whole image, unlike the windowed :func:`ncc`.
+    Right for a global (affine) map between images of different intensity scales.
+    """
+    _check_pair(fixed, warped, ("fixed", "warped"))
+    values = []
+    for f, w in zip(fixed, warped):                                     # one (C, *S) pair at a time
+        f, w = f - f.mean(), w - w.mean()
+        values.append((f * w).sum() / (f.norm() * w.norm() + eps))
+    return torch.stack(values).mean()
 
 
 def _check_field(u: torch.Tensor) -> int:

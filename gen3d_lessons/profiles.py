@@ -10,6 +10,16 @@ budgets once per profile and gets back one frozen :class:`Run`::
                 gpu=dict(size=64, n_train=48, budget_s=600, max_steps=20000, dice_min=0.9))
     run.size, run.device, run.checks_thresholds
 
+Settings shared by every profile go in ``common``; a setting whose value is a dict is a *group*
+(one per model, say), read as ``run.vae.steps``, and a profile's group is merged key by key over
+the common one, so each profile names only what differs::
+
+    run = setup(profile, seed=0,
+                common=dict(vae=dict(lr=1e-3, batch=4), size=32),
+                smoke=dict(vae=dict(steps=3), n_train=4),
+                cpu=dict(vae=dict(steps=900), n_train=48, gates=dict(ssim=0.0)))
+    run.vae.lr, run.vae.steps, run.gates["ssim"]
+
 The three profiles:
 
 - ``smoke``: seconds per chapter, tiny volumes, and no thresholds — it only proves that the
@@ -135,6 +145,41 @@ def _pick_device(profile: str) -> torch.device:
 
 # 4. The run ----------------------------------------------------------------------------------
 
+class Group(dict):
+    """A group of settings (one model's, say): a plain dict whose keys also read as attributes,
+    ``run.vae.steps`` for ``run.settings["vae"]["steps"]``."""
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("__"):
+            raise AttributeError(key)
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"settings group has no {key!r}; available: "
+                                 f"{', '.join(map(str, self)) or '(none)'}") from None
+
+
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``base`` updated by ``over``; where both hold a dict under one key, merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merged(out[key], value, f"{where}.{key}")
+        else:
+            out[key] = value
+    return out
+
+
+def _grouped(value: Any, where: str) -> Any:
+    """Every dict in a setting becomes a :class:`Group`; a key that would hide a dict method is refused."""
+    if not isinstance(value, Mapping):
+        return value
+    for key in value:
+        if isinstance(key, str) and hasattr(dict, key):
+            raise ValueError(f"{where}: setting {key!r} would hide dict.{key}; choose another name")
+    return Group({k: _grouped(v, f"{where}.{k}") for k, v in value.items()})
+
+
 @dataclass(frozen=True)
 class Run:
     """Everything a chapter needs to know about how it runs.
@@ -195,6 +240,7 @@ class Run:
 
 
 def setup(profile: str | None = None, *, seed: int = 0,
+          common: Mapping[str, Any] | None = None,
           smoke: Mapping[str, Any] | None = None,
           cpu: Mapping[str, Any] | None = None,
           gpu: Mapping[str, Any] | None = None,
@@ -203,14 +249,16 @@ def setup(profile: str | None = None, *, seed: int = 0,
     """Pick the profile, seed everything, set the threads, and return the chapter's :class:`Run`.
 
     ``smoke``, ``cpu`` and ``gpu`` are the settings of each profile (sizes, budgets,
-    thresholds); only the chosen profile's settings must be given. ``dry`` overrides a few of
+    thresholds); only the chosen profile's settings must be given. ``common`` holds what every
+    profile shares: the profile's settings are merged over it, groups (dict values) key by key,
+    and every group reads as attributes (:class:`Group`). ``dry`` overrides a few of
     them in a dry run only (``GEN3D_MAX_STEPS``): fewer subjects to make and score, never other
     shapes or models, so that a dry run of the ``gpu`` profile stays a matter of minutes on a CPU.
     Prints one line describing the run unless ``verbose=False``.
     """
     # 1. which profile, and its settings
     name = pick_profile(profile)
-    given = {"smoke": smoke, "cpu": cpu, "gpu": gpu}
+    given = {"smoke": smoke, "cpu": cpu, "gpu": gpu, "common": common}
     for key, value in given.items():
         if value is not None and not isinstance(value, Mapping):
             raise ValueError(f"{key}: expected a dict of settings, got {type(value).__name__}")
@@ -218,12 +266,13 @@ def setup(profile: str | None = None, *, seed: int = 0,
     if chosen is None:
         raise ValueError(f"{name}: no settings were given for profile {name!r}; "
                          f"pass {name}=dict(...) to setup()")
-    settings = dict(chosen)
+    settings = _merged(common or {}, chosen, name)
     if dry is not None and max_steps_cap() is not None:
         unknown = set(dry) - set(settings)
         if unknown:
             raise ValueError(f"dry: {sorted(unknown)} are not settings of profile {name!r}")
-        settings.update(dry)
+        settings = _merged(settings, dry, "dry")
+    settings = {key: _grouped(value, f"{name}.{key}") for key, value in settings.items()}
     for key in settings:
         if not isinstance(key, str) or not key.isidentifier():
             raise ValueError(f"{name}: setting names must be Python identifiers, got {key!r}")

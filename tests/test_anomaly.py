@@ -8,9 +8,9 @@ import torch
 
 from gen3d_lessons import spatial
 from gen3d_lessons.tasks.anomaly import (ResidualDetector, StandardisedDetector, VQTransformerDetector, ZScoreAtlas,
-                                   age_site_condition,
-                                   best_dice, evaluate, invert_displacement, phantom_cohort, score,
-                                   signed_residual, to_subject, to_template, volume_scores, voxel_metrics)
+                                   age_site_condition, invert_displacement, phantom_cohort, score, signed_residual,
+                                   to_subject, to_template)
+from gen3d_lessons.metrics.detection import evaluate
 from gen3d_lessons.models.vae import VAE3D, VAEConfig
 from gen3d_lessons.models.vqvae import CodeTransformer, TransformerConfig, VQVAE3D, VQVAEConfig, to_sequence
 
@@ -221,55 +221,3 @@ def test_score_rejects_bad_context(cohort, atlas):
         score(cvae, x, condition=torch.zeros(2, 3), displacement=u)
     with pytest.raises(TypeError, match="detector"):
         score(lambda x: x, x)
-
-
-# 5. Metrics ---------------------------------------------------------------------------------------
-
-def lesion_case():
-    lesion = np.zeros((2, 8, 8, 8), dtype=bool)
-    lesion[0, 2:4, 2:4, 2:4] = True
-    brain = np.zeros_like(lesion)
-    brain[:, 1:7, 1:7, 1:7] = True
-    return lesion, brain
-
-
-def test_metrics_of_perfect_inverted_and_random_maps():
-    lesion, brain = lesion_case()
-    perfect = voxel_metrics(lesion.astype(float), lesion, brain)
-    assert perfect["auroc"] == 1 and perfect["auprc"] == 1 and perfect["best_dice"] == 1
-    assert voxel_metrics(-lesion.astype(float), lesion, brain)["auroc"] == 0
-    noise = np.random.default_rng(0).random(lesion.shape)
-    random = voxel_metrics(noise, lesion, brain)
-    assert abs(random["auroc"] - 0.5) < 0.15 and random["auprc"] < 0.2
-    assert random["lesion_fraction"] == pytest.approx(8 / (2 * 216))
-
-
-def test_best_dice_known_case():
-    truth = np.array([1, 1, 0, 0, 0], dtype=bool)
-    dice, t = best_dice(np.array([0.9, 0.2, 0.8, 0.1, 0.0]), truth)
-    # thresholds: >= 0.9 -> P 1, R .5, Dice 2/3; >= 0.8 -> P .5, R .5, Dice .5; >= 0.2 -> P 2/3, R 1, Dice .8
-    assert dice == pytest.approx(0.8) and t == pytest.approx(0.2)
-
-
-def test_volume_level_auroc():
-    lesion, brain = lesion_case()
-    maps = np.zeros(lesion.shape)
-    maps[0, 3, 3, 3] = 5.0                                                   # the lesioned volume scores higher
-    assert volume_scores(maps, brain, top=0.01).tolist()[1] == 0
-    assert evaluate(maps, lesion, brain)["volume_auroc"] == 1
-    assert np.isnan(evaluate(maps, lesion, brain, has_lesion=[True, True])["volume_auroc"])
-
-
-@pytest.mark.parametrize("change, match", [
-    (dict(maps=np.zeros((2, 8, 8))), "one shape"),
-    (dict(lesions=np.full((2, 8, 8, 8), 2)), "binary mask"),
-    (dict(maps=np.full((2, 8, 8, 8), np.nan)), "NaN"),
-    (dict(brains=np.zeros((2, 8, 8, 8))), "select no voxel"),
-    (dict(lesions=np.zeros((2, 8, 8, 8))), "both lesion and healthy"),
-    (dict(has_lesion=[True]), "has_lesion"),
-])
-def test_evaluate_rejects_bad_input(change, match):
-    lesion, brain = lesion_case()
-    args = dict(maps=np.zeros(lesion.shape), lesions=lesion, brains=brain) | change
-    with pytest.raises(ValueError, match=match):
-        evaluate(**args)

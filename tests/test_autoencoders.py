@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from gen3d_lessons.losses import kl_to_standard_normal
-from gen3d_lessons.models.autoencoder import AEConfig, Autoencoder3D, PCA3D, UNetAutoencoder3D, check_volumes
+from gen3d_lessons.blocks import check_volumes
+from gen3d_lessons.losses import gaussian_nll, kl_per_voxel, kl_to_standard_normal
+from gen3d_lessons.models.autoencoder import AEConfig, Autoencoder3D, PCA3D, UNetAutoencoder3D
 from gen3d_lessons.models.scm import DeepSCM, VolumeMechanism, VoxelwiseAgeModel, ventricle_volume_ml
 from gen3d_lessons.models.unet import UNet3D, UNetConfig
 from gen3d_lessons.models.vae import VAE3D, VAEConfig
 from gen3d_lessons.training import load_model, save_model
-from gen3d_lessons.training.generative import ShuffledBatches, ae_step, corrupt, vae_step
+from gen3d_lessons.training.generative import ae_step, corrupt, vae_step
 
 S = 16                                              # voxels per side: tiny, so the file runs in seconds
 
@@ -81,23 +82,23 @@ def test_ae_step_learns_and_dae_corrupts():
     ae = tiny_ae()
     opt = torch.optim.Adam(ae.parameters(), lr=1e-2)
     x = volumes(2)
-    losses = [ae_step(ae, opt, {"image": x})["loss"] for _ in range(15)]
+    losses = [ae_step({"image": x}, i, model=ae, optimizer=opt)["loss"] for i in range(15)]
     assert losses[-1] < 0.5 * losses[0]
-    out = ae_step(ae, opt, {"image": x}, noise_std=0.2)
+    out = ae_step({"image": x}, 15, model=ae, optimizer=opt, noise_std=0.2)
     assert math.isfinite(out["loss"])
     with pytest.raises(ValueError, match="noise_std"):
-        ae_step(ae, opt, {"image": x}, noise_std=-1.0)
+        ae_step({"image": x}, 0, model=ae, optimizer=opt, noise_std=-1.0)
     with pytest.raises(ValueError, match="image"):
-        ae_step(ae, opt, {"x": x})
+        ae_step({"x": x}, 0, model=ae, optimizer=opt)
 
 
 def test_ae_step_trains_a_unet_and_refuses_a_wrong_output_shape():
     unet = UNet3D(UNetConfig(in_channels=1, out_channels=1, features=(4, 8)))
     opt = torch.optim.Adam(unet.parameters(), lr=1e-3)
-    assert math.isfinite(ae_step(unet, opt, {"image": volumes(2)})["loss"])
+    assert math.isfinite(ae_step({"image": volumes(2)}, 0, model=unet, optimizer=opt)["loss"])
     two = UNet3D(UNetConfig(in_channels=1, out_channels=2, features=(4, 8)))
     with pytest.raises(ValueError, match="shape"):
-        ae_step(two, torch.optim.Adam(two.parameters()), {"image": volumes(2)})
+        ae_step({"image": volumes(2)}, 0, model=two, optimizer=torch.optim.Adam(two.parameters()))
 
 
 def test_corrupt_adds_gaussian_noise_of_the_given_std():
@@ -117,7 +118,7 @@ def test_vae_shapes_reparameterisation_and_step():
     z = VAE3D.reparameterize(torch.zeros(20000, 1), torch.full((20000, 1), math.log(4.0)))
     assert abs(z.std().item() - 2.0) < 0.05
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
-    out = vae_step(vae, opt, {"image": x}, beta=1.0)
+    out = vae_step({"image": x}, 0, model=vae, optimizer=opt, beta=1.0)
     assert set(out) == {"loss", "mse", "kl"} and all(math.isfinite(v) for v in out.values())
     assert vae.sample(2).shape == (2, 1, S, S, S)
     assert vae.reconstruct(x).shape == x.shape
@@ -126,6 +127,14 @@ def test_vae_shapes_reparameterisation_and_step():
 def test_kl_is_zero_for_the_prior_and_positive_otherwise():
     assert torch.allclose(kl_to_standard_normal(torch.zeros(2, 3), torch.zeros(2, 3)), torch.zeros(2))
     assert (kl_to_standard_normal(torch.ones(2, 3), torch.zeros(2, 3)) > 0).all()
+    mu, logvar = torch.randn(4, 3), torch.randn(4, 3)
+    # the VAE-regularised U-Net's KL: the same divergence, averaged over the batch and per voxel
+    assert kl_per_voxel(mu, logvar, 1000).item() == pytest.approx(kl_to_standard_normal(mu, logvar).mean().item() / 1000)
+
+
+def test_gaussian_nll_is_half_the_squared_error_per_volume():
+    x = torch.zeros(2, 1, 2, 2, 2)
+    assert gaussian_nll(x, x + 1.0).item() == pytest.approx(0.5 * 8)       # 8 voxels, each (1 - 0)² / 2
 
 
 def test_cvae_needs_its_condition():
@@ -139,7 +148,7 @@ def test_cvae_needs_its_condition():
     with pytest.raises(ValueError, match="cond_dim=0"):
         tiny_vae()(x, torch.zeros(2, 2))
     opt = torch.optim.Adam(cvae.parameters(), lr=1e-3)
-    assert math.isfinite(vae_step(cvae, opt, {"image": x, "condition": torch.zeros(2, 2)})["loss"])
+    assert math.isfinite(vae_step({"image": x, "condition": torch.zeros(2, 2)}, 0, model=cvae, optimizer=opt)["loss"])
 
 
 def test_vae_save_load_round_trip(tmp_path):
@@ -309,20 +318,3 @@ def test_unet_autoencoder_copies_through_its_skips():
     assert unet.encoder[0][0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="skips"):
         unet.decode(z, skips[:1])
-
-
-def test_shuffled_batches_cover_the_set_and_repeat():
-    x = torch.arange(6.0).view(6, 1, 1, 1, 1).expand(6, 1, 2, 2, 2).contiguous()
-    c = torch.arange(6.0)[:, None]
-    loader = ShuffledBatches(x, 2, seed=0, condition=c)
-    first = [b for b in loader]
-    assert len(first) == 3 and all(b["image"].shape == (2, 1, 2, 2, 2) for b in first)
-    seen = torch.cat([b["condition"][:, 0] for b in first]).sort().values
-    assert torch.equal(seen, torch.arange(6.0))                           # every volume once per pass
-    for b in first:                                                        # conditions stay with their images
-        assert torch.equal(b["image"][:, 0, 0, 0, 0], b["condition"][:, 0])
-    assert len(list(loader)) == 3                                          # iterable again
-    with pytest.raises(ValueError, match="batch_size"):
-        ShuffledBatches(x, 7)
-    with pytest.raises(ValueError, match="condition"):
-        ShuffledBatches(x, 2, condition=c[:3])

@@ -4,6 +4,7 @@ the code transformer (shapes, causality, KV-cached sampling), their step functio
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from gen3d_lessons.models.pixelcnn import (MaskedConv3d, PixelCNN3D, PixelCNNCon
 from gen3d_lessons.models.vqvae import (CodeTransformer, TransformerConfig, VQVAE3D, VQVAEConfig, to_grid,
                                         to_sequence)
 from gen3d_lessons.training import fit, load_model, save_model
-from gen3d_lessons.training.autoregressive import ShuffledBatches, pixelcnn_step, transformer_step, vqvae_step
+from gen3d_lessons.training.autoregressive import pixelcnn_step, transformer_step, vqvae_step
 
 L = 4
 
@@ -103,7 +104,7 @@ def test_pixelcnn_learns_a_constant_volume_and_samples_it():
     model = _pixelcnn()
     x = torch.full((4, 1, 4, 4, 4), 2, dtype=torch.long)
     opt = torch.optim.Adam(model.parameters(), 1e-2)
-    history = fit(lambda b, i: pixelcnn_step(model, opt, b), [{"levels": x}], max_steps=60)
+    history = fit(partial(pixelcnn_step, model=model, optimizer=opt), [{"levels": x}], max_steps=60)
     assert history.values["bits_per_voxel"][-1] < 0.1 < history.values["bits_per_voxel"][0]
     assert (model.sample(2, (4, 4, 4), torch.Generator().manual_seed(0)) == 2).float().mean() > 0.9
 
@@ -172,7 +173,7 @@ def test_vqvae_step_and_codes():
     torch.manual_seed(0)
     vq = VQVAE3D(VQVAEConfig(channels=(8, 8), num_embeddings=8, embedding_dim=4, groups=4))
     x = torch.rand(2, 1, 8, 8, 8)
-    out = vqvae_step(vq, torch.optim.Adam(vq.parameters(), 1e-3), {"image": x})
+    out = vqvae_step({"image": x}, 0, model=vq, optimizer=torch.optim.Adam(vq.parameters(), 1e-3))
     assert set(out) == {"loss", "mse", "commitment"}
     k = vq.eval().codes(x)
     assert k.shape == (2, 2, 2, 2) and vq.decode_codes(k).shape == x.shape
@@ -224,7 +225,7 @@ def test_transformer_step_reduces_the_loss():
     tf = _transformer()
     codes = torch.arange(8).remainder(6).view(1, 2, 2, 2).repeat(4, 1, 1, 1)
     opt = torch.optim.Adam(tf.parameters(), 1e-2)
-    history = fit(lambda b, i: transformer_step(tf, opt, b), [{"codes": codes}], max_steps=30)
+    history = fit(partial(transformer_step, model=tf, optimizer=opt), [{"codes": codes}], max_steps=30)
     assert history.values["loss"][-1] < 0.5 * history.values["loss"][0]
     assert torch.equal(to_grid(to_sequence(codes), (2, 2, 2)), codes)
 
@@ -256,19 +257,6 @@ def test_bad_input_elsewhere():
     with pytest.raises(ValueError, match="integer codes"):
         _transformer()(torch.full((1, 8), 6))
     with pytest.raises(ValueError, match="levels"):
-        pixelcnn_step(_pixelcnn(), None, {"image": torch.zeros(1, 1, 4, 4, 4)})
+        pixelcnn_step({"image": torch.zeros(1, 1, 4, 4, 4)}, 0, model=_pixelcnn(), optimizer=None)
     with pytest.raises(ValueError, match="codes"):
-        transformer_step(_transformer(), None, {"image": torch.zeros(1, 1, 4, 4, 4)})
-    with pytest.raises(ValueError, match="same, non-zero length"):
-        ShuffledBatches({"a": torch.zeros(3), "b": torch.zeros(2)}, 2)
-
-
-def test_shuffled_batches_flip_and_cover_every_item():
-    x = torch.arange(6.0).view(6, 1, 1, 1, 1).expand(6, 1, 2, 1, 1).clone()
-    x[:, 0, 1] += 100                                          # the second plane differs
-    batches = list(ShuffledBatches({"image": x, "id": torch.arange(6)}, 2, seed=0, flip=("image",)))
-    assert len(batches) == 3
-    ids = torch.cat([b["id"] for b in batches])
-    assert sorted(ids.tolist()) == list(range(6))
-    flipped = torch.cat([b["image"][:, 0, 0, 0, 0] > 50 for b in batches])
-    assert 0 < flipped.sum() < 6                               # some mirrored, some not
+        transformer_step({"image": torch.zeros(1, 1, 4, 4, 4)}, 0, model=_transformer(), optimizer=None)

@@ -4,6 +4,7 @@ book built end to end from two throw-away notebooks."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import types
@@ -159,8 +160,8 @@ def _notebook(path: Path, body: list[str], title: str = "A chapter") -> Path:
 def _toc(root: Path, files: list[str]) -> None:
     lines = ["format: jb-book", "root: book/intro", "parts:", "  - caption: Foundations",
              "    chapters:"] + [f"      - file: {f}" for f in files]
-    lines += ["  - caption: Appendices", "    chapters:", "      - file: book/report",
-              "      - file: book/bibliography"]
+    lines += ["  - caption: Appendices", "    chapters:", "      - file: book/library",
+              "      - file: book/report", "      - file: book/bibliography"]
     (root / "_toc.yml").write_text("\n".join(lines) + "\n")
 
 
@@ -188,7 +189,8 @@ def tiny_book(tmp_path):
 
 def test_toc_and_chapters(tiny_book):
     assert book.toc_docnames(tiny_book.toc) == [
-        "book/intro", "book/ch01_first", "book/ch02_second", "book/report", "book/bibliography"]
+        "book/intro", "book/ch01_first", "book/ch02_second", "book/library", "book/report",
+        "book/bibliography"]
     found = book.chapters(tiny_book)
     assert [(c.number, c.name, c.title) for c in found] == [(1, "ch01_first", "First"),
                                                           (2, "ch02_second", "Second")]
@@ -207,11 +209,12 @@ def test_a_missing_chapter_is_reported(tiny_book):
                                                                             "ch05_later"]
 
 
-def test_repository_toc_lists_the_report_and_existing_pages():
+def test_repository_toc_lists_the_generated_and_existing_pages():
     names = book.toc_docnames(REPO / "_toc.yml")
-    assert names[0] == "book/intro" and book.REPORT_DOCNAME in names
+    assert names[0] == "book/intro" and set(book.GENERATED_DOCNAMES) <= set(names)
+    assert names.index(book.LIBRARY_DOCNAME) > max(names.index(c.docname) for c in book.chapters(book.BookPaths(REPO)))
     for name in names:
-        if name != book.REPORT_DOCNAME and "/ch" not in name:
+        if name not in book.GENERATED_DOCNAMES and "/ch" not in name:
             assert (REPO / f"{name}.md").is_file(), name
 
 
@@ -273,7 +276,7 @@ def test_prepare_notebook_orders_hides_and_drops_cdn_links(tmp_path):
     nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {}}
     source, target = tmp_path / "in.ipynb", tmp_path / "out" / "out.ipynb"
     nbformat.write(nb, str(source))
-    book._prepare_notebook(source, target)
+    book.prepare_notebook(source, target)
     out = nbformat.read(str(target), as_version=4)
     assert [c.source for c in out.cells] == ["setup", "profile = None", "# Title",
                                              'profile = "cpu"', "HTML(anim.to_jshtml())"]
@@ -298,6 +301,90 @@ def test_broken_links_and_offsite_assets(tmp_path):
     assert len(offsite) == 1 and "cdn.example.org" in offsite[0]
     (tmp_path / "book" / "other.html").write_text("")
     assert book.broken_links(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The library page
+# ---------------------------------------------------------------------------------------------
+
+PACKAGE = REPO / "gen3d_lessons"
+
+
+def _code_notebook(path: Path, *cells: str) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# A chapter\n\nfrom gen3d_lessons.viz import nothing")]
+    nb.cells += [nbformat.v4.new_code_cell(source) for source in cells]
+    nbformat.write(nb, str(path))
+    return path
+
+
+def _layout_rows(page: str) -> list[list[str]]:
+    """The cells of the page's layout table, the tree's indentation as two spaces per level."""
+    table = page.split("## Layout")[1].split("##")[0]
+    rows = [line.strip("|").split(" | ") for line in table.splitlines() if line.startswith("| ")][1:]
+    return [[row[0].strip().replace(book.library.INDENT, "  ").replace("`", ""), *[c.strip() for c in row[1:]]]
+            for row in rows]
+
+
+def test_library_page_lists_every_module_and_package():
+    chapter_notebooks = [c.path for c in book.chapters(book.BookPaths(REPO))]
+    page = book.library_markdown(PACKAGE, chapter_notebooks)
+    assert page.startswith("# The library\n")
+    files = [p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts]
+    folders = {p.parent for p in files}
+    expected = {str(p.relative_to(PACKAGE)) for p in files if p.name != "__init__.py"}
+    expected |= {f"{f.relative_to(PACKAGE)}/" for f in folders if f != PACKAGE}
+    modules = book.library_modules(PACKAGE)
+    assert {m.label for m in modules} == expected | {"gen3d_lessons/"}
+    assert modules[0].label == "gen3d_lessons/"
+    assert modules[0].lines == sum(len(p.read_text().splitlines()) for p in files)
+    # the page's tree: one row per module, in the same order, indented by depth
+    rows = _layout_rows(page)
+    assert [row[0] for row in rows] == ["  " * m.name.count(".") + m.label.rstrip("/").rsplit("/", 1)[-1]
+                                        + ("/" if m.is_package else "") for m in modules]
+    assert ["  tasks/", "    segment.py"] == [r[0] for r in rows if r[0].strip() in ("tasks/", "segment.py")]
+    assert any(row[3] == "every chapter" for row in rows)        # profiles.setup, record
+
+
+def test_library_page_knows_which_chapter_uses_which_module():
+    ch10 = REPO / "book" / "ch10_segmentation.ipynb"
+    used = book.notebook_imports(ch10, PACKAGE)
+    assert "gen3d_lessons.tasks.segment" in used and "gen3d_lessons.models.unet" in used
+    assert "gen3d_lessons.book.results" in used            # `from gen3d_lessons.book import record`
+    page = book.library_markdown(PACKAGE, [ch10], link=True)
+    chapter_row = next(line for line in page.splitlines() if line.startswith("| {doc}`ch10_segmentation"))
+    assert "`tasks/segment.py`" in chapter_row and "`viz.py`" in chapter_row
+    tasks = [row for row in _layout_rows(page) if row[0].strip() in ("tasks/", "segment.py")]
+    assert tasks[1][3] == "{doc}`10 <ch10_segmentation>`"
+
+
+def test_library_resolves_each_form_of_import(tmp_path):
+    notebook = _code_notebook(
+        tmp_path / "ch07_forms.ipynb",
+        "%matplotlib inline\nimport gen3d_lessons.spatial as sp\n!echo hi",
+        "from gen3d_lessons.tasks import yardstick as Y\nfrom gen3d_lessons.training import fit, save_model",
+        "def f():\n    from gen3d_lessons.data import ensure_dataset\n    import numpy",
+    )
+    assert book.notebook_imports(notebook, PACKAGE) == {
+        "gen3d_lessons.spatial", "gen3d_lessons.tasks.yardstick", "gen3d_lessons.training.fit",
+        "gen3d_lessons.data"}
+    broken = _code_notebook(tmp_path / "ch08_broken.ipynb", "from gen3d_lessons import (")
+    with pytest.raises(ValueError, match="ch08_broken.ipynb: code cell 1"):
+        book.notebook_imports(broken, PACKAGE)
+
+
+def test_a_module_added_later_shows_up(tmp_path):
+    package = tmp_path / "gen3d_lessons"
+    shutil.copytree(PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "tasks" / "upscale.py").write_text(
+        '"""Super-resolution of a volume, e.g. from 2 mm to 1 mm. Not yet in the book."""\n\n\n'
+        "def upscale(x):\n    return x\n")
+    notebook = _code_notebook(tmp_path / "ch09_later.ipynb",
+                              "from gen3d_lessons.tasks.upscale import upscale")
+    page = book.library_markdown(package, [notebook])
+    assert ["    upscale.py", "5", "Super-resolution of a volume, e.g. from 2 mm to 1 mm.", "9"] \
+        in _layout_rows(page)
+    assert "| ch09_later | `tasks/upscale.py` |" in page.splitlines()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +426,7 @@ def test_cli_data_writes_through_a_partial_folder(tmp_path, monkeypatch, capsys)
 # One small book, end to end: run, report, stage, build, check
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(shutil.which("npm") is None and not book.os.environ.get("GEN3D_MATHJAX_DIR"),
+@pytest.mark.skipif(shutil.which("npm") is None and not os.environ.get("GEN3D_MATHJAX_DIR"),
                     reason="the site build fetches MathJax with npm")
 def test_build_book_end_to_end(tiny_book, capsys):
     status = book.build_book(tiny_book, profile="cpu")
@@ -352,8 +439,8 @@ def test_build_book_end_to_end(tiny_book, capsys):
     assert "misses the cpu gate" in report["chapters"][1]["error"]
 
     html = tiny_book.html
-    for page in ("index", "book/intro", "book/ch01_first", "book/ch02_second", "book/report",
-                 "book/bibliography"):
+    for page in ("index", "book/intro", "book/ch01_first", "book/ch02_second", "book/library",
+                 "book/report", "book/bibliography"):
         assert (html / f"{page}.html").is_file(), page
     assert (html / "_static" / "mathjax" / "tex-mml-chtml.js").is_file()
     first = (html / "book" / "ch01_first.html").read_text()
@@ -361,6 +448,8 @@ def test_build_book_end_to_end(tiny_book, capsys):
     assert ("colab.research.google.com/github/gen3d-book/gen3d/blob/main/book/ch01_first.ipynb"
             in first)
     assert "FAIL" in (html / "book" / "report.html").read_text()
+    library = (html / "book" / "library.html").read_text()
+    assert "book/results.py" in library and 'href="ch02_second.html"' in library
     assert book.broken_links(html) == [] and book.offsite_assets(html) == []
     # rebuilding the site alone keeps the last results
     assert book.build_book(tiny_book, run=False) == 0

@@ -4,6 +4,7 @@ the training step. Tiny sizes: latent vectors and 8³ volumes."""
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import partial
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from gen3d_lessons.models.diffusion import (LatentDenoiser, LatentDenoiserConfig
                                             PixelDenoiserConfig, ScheduleConfig, extract, make_betas,
                                             pixel_denoiser, timestep_embedding)
 from gen3d_lessons.training import load_model, save_model
-from gen3d_lessons.training.diffusion import diffusion_step, ema_of
+from gen3d_lessons.training.diffusion import diffusion_step
+from gen3d_lessons.training.ema import ema_of
 
 
 @pytest.fixture
@@ -234,8 +236,8 @@ def test_diffusion_step_learns_a_gaussian(sched):
     ema = ema_of(net, 0.9)
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     before = [p.clone() for p in ema.module.parameters()]
-    losses = [diffusion_step(net, sched, opt, {"image": 0.3 * torch.randn(128, 4)}, ema=ema)["loss"]
-              for _ in range(120)]
+    step = partial(diffusion_step, model=net, schedule=sched, optimizer=opt, ema=ema)
+    losses = [step({"image": 0.3 * torch.randn(128, 4)}, i)["loss"] for i in range(120)]
     assert losses[0] > 0.8 and sum(losses[-20:]) / 20 < 0.6   # eps_hat = 0 at first: E||eps||²/dim = 1
     assert any(not torch.equal(a, b) for a, b in zip(before, ema.module.parameters()))
     # clip_x0: x0_hat divides the noise estimate's error by sqrt(alpha_bar_t), huge at large t
@@ -246,12 +248,13 @@ def test_diffusion_step_learns_a_gaussian(sched):
 def test_diffusion_step_takes_a_tensor_or_a_dict_and_rejects_others(sched):
     net = LatentDenoiser(LatentDenoiserConfig(latent_dim=3, hidden=8, depth=1, time_dim=4))
     opt = torch.optim.SGD(net.parameters(), 0.01)
-    assert set(diffusion_step(net, sched, opt, torch.randn(4, 3))) == {"loss"}
-    assert diffusion_step(net, sched, opt, {"z": torch.randn(4, 3)}, key="z")["loss"] > 0
-    assert diffusion_step(net, sched, opt, [torch.randn(4, 3)])["loss"] > 0
+    step = partial(diffusion_step, model=net, schedule=sched, optimizer=opt)
+    assert set(step(torch.randn(4, 3), 0)) == {"loss"}
+    assert step({"z": torch.randn(4, 3)}, 1, key="z")["loss"] > 0
+    assert step([torch.randn(4, 3)], 2)["loss"] > 0
     with pytest.raises(ValueError, match="batch"):
-        diffusion_step(net, sched, opt, [1, 2, 3])
+        step([1, 2, 3], 3)
     with pytest.raises(ValueError, match="NaN"):
-        diffusion_step(net, sched, opt, torch.full((4, 3), float("nan")))
+        step(torch.full((4, 3), float("nan")), 4)
     with pytest.raises(ValueError, match="decay"):
         ema_of(net, 1.5)

@@ -9,14 +9,17 @@ import math
 import pytest
 import torch
 
+from gen3d_lessons.data.batches import Batches
+from gen3d_lessons.blocks import PatchDiscriminatorConfig, count_parameters
 from gen3d_lessons.models.gan import (Discriminator3D, DiscriminatorConfig, Generator3D, GeneratorConfig,
-                                      PatchCritic3D, count_parameters)
-from gen3d_lessons.models.segmentation import PatchDiscriminatorConfig
+                                      PatchCritic3D)
 from gen3d_lessons.models.stylegan import ModulatedConv3d, NoiseInjection, StyleGANConfig, StyleGenerator3D
 from gen3d_lessons.models.unet import UNet3D, UNetConfig
 from gen3d_lessons.training import load_model, save_model
-from gen3d_lessons.training.gan import (VolumeBatches, cycle_consistency_loss, cyclegan_step, discriminator_loss,
-                                        ema_update, gan_step, generator_loss, pix2pix_step, train_gan)
+from gen3d_lessons.losses import (bce_discriminator_loss, bce_generator_loss, cycle_consistency_loss,
+                                  discriminator_loss, generator_loss, l1_loss)
+from gen3d_lessons.training.ema import ema_of, ema_update
+from gen3d_lessons.training.gan import cyclegan_step, gan_step, pix2pix_step, train_gan
 
 S = 16  # edge of the test volumes
 
@@ -121,6 +124,15 @@ def test_adversarial_losses_known_values():
         generator_loss(zero, "hinge")
 
 
+def test_bce_losses_are_the_non_saturating_ones_with_d_halved():
+    real, fake = torch.randn(3, 1, 2, 2, 2), torch.randn(3, 1, 2, 2, 2)
+    assert bce_discriminator_loss(real, fake).item() == pytest.approx(0.5 * discriminator_loss(real, fake, "ns").item())
+    assert bce_generator_loss(fake).item() == pytest.approx(generator_loss(fake, "ns").item())
+    assert l1_loss(real, real + 0.5).item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="does not match"):
+        l1_loss(real, fake[:, :, :1])
+
+
 def test_nonsaturating_generator_gradient_is_strong_where_the_minimax_one_vanishes():
     s = torch.tensor([-10.0], requires_grad=True)           # D rejects the sample confidently
     (g_ns,) = torch.autograd.grad(generator_loss(s, "ns"), s)
@@ -150,17 +162,18 @@ def test_gan_step_updates_both_networks_and_the_ema(loss):
     og, od = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
     g0, d0, e0 = [[p.clone() for p in m.parameters()] for m in (g, d, ema)]
     batch = {"image": torch.rand(4, 1, S, S, S), "condition": torch.rand(4, 1)}
-    out = gan_step(g, d, og, od, batch, 0, loss=loss, ema=ema, ema_decay=0.5)
+    nets = dict(generator=g, discriminator=d, opt_g=og, opt_d=od)
+    out = gan_step(batch, 0, **nets, loss=loss, ema=ema, ema_decay=0.5)
     assert _changed(g0, g) and _changed(d0, d) and _changed(e0, ema)
     assert {"d_loss", "g_loss", "d_real", "d_fake"} <= set(out) and (("gp" in out) == (loss == "wgan-gp"))
     # with n_critic = 2 the generator waits for the second step
     g1 = [p.clone() for p in g.parameters()]
-    out = gan_step(g, d, og, od, batch, 0, loss=loss, n_critic=2)
+    out = gan_step(batch, 0, **nets, loss=loss, n_critic=2)
     assert "g_loss" not in out and not _changed(g1, g)
     with pytest.raises(ValueError, match="loss"):
-        gan_step(g, d, og, od, batch, 0, loss="lsgan")
+        gan_step(batch, 0, **nets, loss="lsgan")
     with pytest.raises(ValueError, match="'image'"):
-        gan_step(g, d, og, od, {"x": batch["image"]}, 0)
+        gan_step({"x": batch["image"]}, 0, **nets)
 
 
 def test_ema_update_averages_parameters():
@@ -170,9 +183,24 @@ def test_ema_update_averages_parameters():
     assert all(torch.allclose(p, e) for p, e in zip(a.parameters(), expected))
 
 
+def test_ema_of_copies_first_then_averages():
+    model = torch.nn.Linear(2, 2)
+    ema = ema_of(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update_parameters(model)                                   # the first update copies
+    assert torch.equal(ema.module.weight, model.weight)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update_parameters(model)                                   # then 0.5 · 1 + 0.5 · 3
+    assert torch.allclose(ema.module.weight, torch.full((2, 2), 2.0))
+    with pytest.raises(ValueError, match="decay"):
+        ema_of(model, decay=1.0)
+
+
 def test_train_gan_runs_and_probes():
     g, d = small_g(), small_d()
-    batches = VolumeBatches(torch.rand(6, 1, S, S, S), batch_size=3)
+    batches = Batches({"image": torch.rand(6, 1, S, S, S)}, batch_size=3, augment=("image",))
     final, history = train_gan(g, d, batches, loss="wgan-gp", max_steps=4, probe=lambda m: {"probe": 1.0},
                                probe_every=2)
     assert history.steps == 4 and history.values["probe"][1] == 1.0 and math.isnan(history.values["probe"][0])
@@ -190,10 +218,6 @@ def test_train_gan_runs_and_probes():
     assert not all(torch.equal(v, states[2][k]) for k, v in final.state_dict().items())
     with pytest.raises(ValueError, match="keep_best"):
         train_gan(small_g(), small_d(), batches, loss="ns", max_steps=2, keep_best="fd")
-    with pytest.raises(ValueError, match="images: expected a float tensor"):
-        VolumeBatches(torch.rand(6, S, S, S), batch_size=3)
-    with pytest.raises(ValueError, match="batch_size"):
-        VolumeBatches(torch.rand(6, 1, S, S, S), batch_size=7)
 
 
 def test_pix2pix_pieces_shapes_and_step():
@@ -203,7 +227,7 @@ def test_pix2pix_pieces_shapes_and_step():
     assert g(x).shape == y.shape and d(x, y).shape == (2, 1, S // 4, S // 4, S // 4)
     g0, d0 = [p.clone() for p in g.parameters()], [p.clone() for p in d.parameters()]
     og, od = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
-    out = pix2pix_step(g, d, og, od, {"x": x, "y": y}, l1_weight=100.0)
+    out = pix2pix_step({"x": x, "y": y}, 0, generator=g, discriminator=d, opt_g=og, opt_d=od, l1_weight=100.0)
     assert _changed(g0, g) and _changed(d0, d) and {"d_loss", "g_adv", "l1"} <= set(out)
     with pytest.raises(ValueError, match="3 channels in all"):
         d(x, y, y)
@@ -215,7 +239,9 @@ def test_cyclegan_step_trains_two_generators_and_two_discriminators():
     og = torch.optim.Adam(itertools.chain(*(n.parameters() for n in nets)), 1e-3)
     od = torch.optim.Adam(itertools.chain(*(c.parameters() for c in critics)), 1e-3)
     before = [[p.clone() for p in m.parameters()] for m in nets + critics]
-    out = cyclegan_step(*nets, *critics, og, od, {"x": torch.rand(2, 1, S, S, S), "y": torch.rand(2, 1, S, S, S)})
+    out = cyclegan_step({"x": torch.rand(2, 1, S, S, S), "y": torch.rand(2, 1, S, S, S)}, 0,
+                        generator_xy=nets[0], generator_yx=nets[1], discriminator_x=critics[0],
+                        discriminator_y=critics[1], opt_g=og, opt_d=od)
     assert all(_changed(b, m) for b, m in zip(before, nets + critics))
     assert out["cycle"] > 0 and {"d_loss", "g_adv"} <= set(out)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gen3d_lessons import profiles
-from gen3d_lessons.profiles import PROFILES, Run, pick_profile, seed_everything, setup, step_cap
+from gen3d_lessons.profiles import MAX_STEPS_ENV, PROFILES, Run, pick_profile, seed_everything, setup, step_cap
 
 SETTINGS = dict(smoke=dict(size=16, n_train=4, budget_s=5, max_steps=3),
                 cpu=dict(size=32, n_train=48, budget_s=120, max_steps=3000, dice_min=0.85),
@@ -153,3 +153,25 @@ def test_dry_overrides_apply_only_in_a_dry_run(monkeypatch):
     assert run.n == 8 and run.size == 64
     with pytest.raises(ValueError, match="not settings"):
         setup("gpu", gpu=dict(n=400), dry=dict(m=8), verbose=False)
+
+
+def test_common_settings_and_groups_merge_key_by_key():
+    run = setup("cpu", verbose=False,
+                common=dict(size=32, vae=dict(lr=1e-3, batch=4)),
+                cpu=dict(vae=dict(steps=900, batch=8), n_train=48))
+    assert run.size == 32 and run.n_train == 48
+    assert run.vae.lr == 1e-3 and run.vae.steps == 900 and run.vae.batch == 8   # the profile wins
+    assert isinstance(run.vae, dict) and dict(run.vae) == {"lr": 1e-3, "batch": 8, "steps": 900}
+    with pytest.raises(AttributeError, match="available: lr, batch, steps"):
+        run.vae.epochs
+
+
+def test_a_group_key_that_hides_a_dict_method_is_refused():
+    with pytest.raises(ValueError, match="would hide dict.items"):
+        setup("cpu", verbose=False, cpu=dict(gates=dict(items=3)))
+
+
+def test_dry_overrides_merge_into_groups(monkeypatch):
+    monkeypatch.setenv(MAX_STEPS_ENV, "2")
+    run = setup("gpu", verbose=False, gpu=dict(data=dict(n=64, size=64)), dry=dict(data=dict(n=4)))
+    assert run.data == {"n": 4, "size": 64}

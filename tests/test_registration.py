@@ -1,13 +1,16 @@
 """Registration: VoxelMorph, its loss and step, the per-pair optimisers, register() and its checks."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gen3d_lessons import spatial
+from gen3d_lessons import losses, spatial
+from gen3d_lessons.baselines.registration import AffineFit, matrix_to_theta, register_affine, theta_to_matrix
 from gen3d_lessons.models.registration import RegistrationConfig, VoxelMorph, similarity_force
-from gen3d_lessons.tasks.register import Registered, iterative_path, register, register_affine, register_iterative, warp_labels
+from gen3d_lessons.tasks.register import Registered, iterative_path, register, register_iterative, warp_labels
 from gen3d_lessons.training import load_model, save_model
 from gen3d_lessons.training.registration import RegistrationLoss, atlas_batches, pair_batches, registration_step
 
@@ -142,12 +145,13 @@ def test_registration_step_reaches_every_parameter_and_lowers_the_loss(dice):
     labels = lambda img: torch.cat([1 - (img > 0.5).float(), (img > 0.5).float()], 1)   # noqa: E731
     batch = {"moving": moving, "fixed": fixed, "moving_labels": labels(moving), "fixed_labels": labels(fixed)}
     loss_fn = RegistrationLoss(smoothness=0.01, dice=dice)
-    first = registration_step(net, optimizer, batch, loss_fn)
+    step = partial(registration_step, model=net, optimizer=optimizer, loss_fn=loss_fn)
+    first = step(batch, 0)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
     assert net.head.weight.grad.abs().sum() > 0
     assert ("dice_loss" in first) == (dice > 0)
-    for _ in range(30):
-        last = registration_step(net, optimizer, batch, loss_fn)
+    for i in range(1, 31):
+        last = step(batch, i)
     assert last["loss"] < first["loss"]
 
 
@@ -204,9 +208,65 @@ def test_iterative_path_keeps_every_shorter_run_on_the_way():
 
 def test_affine_registration_recovers_a_translation():
     moving, fixed = _blob(), _blob(shift=(2.0, -1.0, 0.0))
-    matrix, u = register_affine(moving, fixed, steps=80, lr=0.02)
-    assert torch.allclose(matrix[0, :, 3], torch.tensor([-2.0, 1.0, 0.0]), atol=0.4)
-    assert u.shape == (1, 3, N, N, N)
+    fit = register_affine(moving, fixed, steps=80, lr=0.02)
+    assert isinstance(fit, AffineFit)
+    assert torch.allclose(fit.matrix[0, :, 3], torch.tensor([-2.0, 1.0, 0.0]), atol=0.4)
+    assert fit.displacement.shape == (1, 3, N, N, N) and fit.theta.shape == (1, 3, 4)
+    # fitted on volumes shrunk twice, the map comes back in the full grid's voxels
+    half = register_affine(moving, fixed, steps=80, lr=0.02, blur_vox=0.0, shrink=2)
+    assert torch.allclose(half.matrix[0, :, 3], torch.tensor([-2.0, 1.0, 0.0]), atol=0.5)
+
+
+def test_affine_registration_in_normalised_coordinates_recovers_a_known_theta():
+    # chapter 10's convention: F.affine_grid's theta, global NCC, a contrast change between the two
+    fixed = _blob(n=24)
+    theta_true = torch.tensor([[[1.0, 0, 0, 0.15], [0, 1.0, 0, -0.1], [0, 0, 1.0, 0.0]]])
+    grid = F.affine_grid(theta_true, [1, 1, 24, 24, 24], align_corners=False)
+    moving = 2.0 * F.grid_sample(fixed, grid, align_corners=False) + 0.3
+    # moving(p) = fixed(A p): the map that brings moving onto fixed is A's inverse
+    fit = register_affine(moving, fixed, similarity="global_ncc", steps=150, lr=0.02, blur_vox=0.0,
+                          resample="affine_grid")
+    assert torch.allclose(fit.theta[0, :, 3], torch.tensor([-0.15, 0.1, 0.0]), atol=0.04)
+    # the same map as a voxel matrix: a shift of theta_t half-widths (12 voxels), axes in (D, H, W) order
+    assert torch.allclose(fit.matrix[0, :, 3], 12 * fit.theta[0, :, 3].flip(0))
+
+
+def test_affine_forms_agree_theta_matrix_round_trip_and_both_resamplers():
+    shape = (12, 16, 20)                                              # not a cube: the axes must not mix up
+    theta = torch.tensor([[[1.05, 0.02, -0.03, 0.10], [0.01, 0.97, 0.04, -0.05], [0.02, -0.01, 1.02, 0.08]]])
+    matrix = theta_to_matrix(theta, shape)
+    assert torch.allclose(matrix_to_theta(matrix, shape), theta, atol=1e-6)
+    x = torch.rand(1, 2, *shape, generator=_gen(3))
+    by_grid = F.grid_sample(x, F.affine_grid(theta, [1, 2, *shape], align_corners=False), align_corners=False)
+    by_warp = spatial.warp(x, spatial.affine_displacement(matrix, shape))
+    assert torch.allclose(by_grid, by_warp, atol=1e-5)
+    # each resampler's fit, in the three forms, describes one map
+    moving, fixed = _blob(), _blob(shift=(1.0, 0.5, -1.0))
+    for resample in ("warp", "affine_grid"):
+        fit = register_affine(moving, fixed, steps=20, resample=resample, blur_vox=0.0)
+        assert torch.allclose(fit.displacement, spatial.affine_displacement(fit.matrix, (N, N, N)))
+        assert torch.allclose(matrix_to_theta(fit.matrix, (N, N, N)), fit.theta, atol=1e-6)
+
+
+def test_affine_registration_refuses_bad_options():
+    moving, fixed = _blob(), _blob(shift=(1.0, 0.0, 0.0))
+    for kwargs, match in (({"similarity": "mi"}, "similarity"), ({"resample": "nearest"}, "resample"),
+                          ({"shrink": 3}, "shrink"), ({"smoothness": 0.1, "resample": "affine_grid"}, "smoothness")):
+        with pytest.raises(ValueError, match=match):
+            register_affine(moving, fixed, steps=1, **kwargs)
+    with pytest.raises(ValueError, match="fixed"):
+        register_affine(moving, fixed[..., :-1], steps=1)
+
+
+def test_global_ncc_ignores_gain_and_offset_per_image():
+    a = torch.rand(2, 1, 8, 8, 8, generator=_gen(4))
+    b = torch.rand(2, 1, 8, 8, 8, generator=_gen(5))
+    assert losses.global_ncc(a, 3.0 * a + 1.0).item() == pytest.approx(1.0, abs=1e-6)
+    assert losses.global_ncc(a, -a).item() == pytest.approx(-1.0, abs=1e-6)
+    both = losses.global_ncc(a, b).item()                               # the mean of the two pairs' NCC
+    assert both == pytest.approx((losses.global_ncc(a[:1], b[:1]) + losses.global_ncc(a[1:], b[1:])).item() / 2)
+    with pytest.raises(ValueError, match="warped: shape"):
+        losses.global_ncc(a, b[:1])
 
 
 def test_folding_fraction_counts_folded_voxels():

@@ -305,13 +305,13 @@ def test_a_text_file_or_another_models_file_is_named(tmp_path):
 # Exact resume wherever the checkpoint was taken (mid-pass, shuffled, killed) ------------------------
 
 def _shuffled_problem(seed: int = 0):
-    from gen3d_lessons.training.generative import ShuffledBatches
+    from gen3d_lessons.data.batches import Batches
 
     torch.manual_seed(seed)
     net = nn.Conv3d(1, 1, 3, padding=1)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     x = torch.randn(10, 1, 4, 4, 4, generator=torch.Generator().manual_seed(5))
-    batches = ShuffledBatches(x, batch_size=3, seed=1)           # 3 batches a pass, a new order each pass
+    batches = Batches({"image": x}, batch_size=3, seed=1, augment=("image",))   # 3 batches a pass, a new order each pass
 
     def step(batch, i):
         loss = (net(batch["image"]) - batch["image"].flip(2)).pow(2).mean()

@@ -3,9 +3,9 @@
 * :func:`threshold_segmentation`: tissue classes from intensity alone, by multi-level Otsu
   thresholds or k-means, inside a brain mask. T1 orders the tissues CSF < GM < WM, so the
   darkest class is CSF and the brightest WM. No anatomy, no training.
-* :func:`register_affine` + :func:`atlas_segmentation`: carry an atlas's labels onto the subject
-  through an affine map fitted to the intensities (normalised cross-correlation, optimised with
-  torch). Anatomy enters through the atlas, but only up to a global affine.
+* :func:`atlas_segmentation`: carry an atlas's labels onto the subject through an affine map
+  fitted to the intensities (:func:`gen3d_lessons.baselines.registration.register_affine`, on the
+  global normalised cross-correlation). Anatomy enters through the atlas, but only up to a global affine.
 * :func:`heart_intensity_segmentation`: bSSFP blood is bright and muscle dark, so k-means finds
   the blood pools; connected components and the position of the septum tell LV from RV, and a
   ring of dark voxels around the LV is called myocardium.
@@ -23,15 +23,11 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..data.io import check_volume
+from ..metrics.checks import as_volume
+from .registration import register_affine
 
 
 # 1. Intensity thresholds -----------------------------------------------------------------------
-
-def _checked(image: Any, name: str = "image") -> np.ndarray:
-    check_volume(image, name, ndim=3)
-    return np.asarray(image, dtype=np.float64)
-
 
 def brain_mask_from_intensity(image: Any) -> np.ndarray:
     """A brain mask from the image alone: above Otsu's threshold, holes filled, largest component.
@@ -40,7 +36,7 @@ def brain_mask_from_intensity(image: Any) -> np.ndarray:
     """
     from skimage.filters import threshold_otsu
 
-    x = _checked(image)
+    x = as_volume(image, "image")
     mask = ndimage.binary_fill_holes(x > threshold_otsu(x))
     pieces, n = ndimage.label(mask)
     if n > 1:
@@ -57,7 +53,7 @@ def threshold_segmentation(image: Any, mask: Any = None, n_classes: int = 3, met
     same objective without the histogram). ``mask`` defaults to :func:`brain_mask_from_intensity`.
     On T1 this gives 1 CSF, 2 GM, 3 WM.
     """
-    x = _checked(image)
+    x = as_volume(image, "image")
     if mask is None:
         mask = brain_mask_from_intensity(x)
     mask = np.asarray(mask, dtype=bool)
@@ -84,41 +80,6 @@ def threshold_segmentation(image: Any, mask: Any = None, n_classes: int = 3, met
 
 # 2. An atlas, registered by an affine map --------------------------------------------------------
 
-def _ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Global normalised cross-correlation of two (B, 1, *S) volumes: 1 for a perfect linear match."""
-    a = a - a.mean()
-    b = b - b.mean()
-    return (a * b).sum() / (a.norm() * b.norm() + 1e-8)
-
-
-def register_affine(moving: Any, fixed: Any, iterations: int = 100, lr: float = 0.01,
-                    shrink: int = 2) -> torch.Tensor:
-    """The affine map that best aligns ``moving`` to ``fixed`` (both (X, Y, Z), the same shape).
-
-    Returns ``theta`` (1, 3, 4) for ``F.affine_grid`` (normalised coordinates): resampling
-    ``moving`` on ``affine_grid(theta)`` lands it on ``fixed``. The twelve numbers start at the
-    identity and follow Adam down ``1 - NCC``, on volumes shrunk ``shrink`` times (average
-    pooling) because a global map needs no fine detail. NCC ignores a linear change of
-    brightness, so the two volumes need not share an intensity scale.
-    """
-    m = torch.as_tensor(_checked(moving, "moving"), dtype=torch.float32)[None, None]    # (1, 1, *S)
-    f = torch.as_tensor(_checked(fixed, "fixed"), dtype=torch.float32)[None, None]
-    if m.shape != f.shape:
-        raise ValueError(f"fixed: shape {tuple(f.shape[2:])} differs from moving {tuple(m.shape[2:])}")
-    if shrink > 1:
-        m, f = F.avg_pool3d(m, shrink), F.avg_pool3d(f, shrink)
-    identity = torch.eye(3, 4)[None]
-    delta = torch.zeros(1, 3, 4, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=lr)
-    for _ in range(iterations):
-        grid = F.affine_grid(identity + delta, list(m.shape), align_corners=False)
-        loss = 1.0 - _ncc(F.grid_sample(m, grid, align_corners=False), f)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return (identity + delta).detach()
-
-
 def atlas_segmentation(atlas_image: Any, atlas_probabilities: Any, subject_image: Any,
                        iterations: int = 100) -> np.ndarray:
     """Labels of ``subject_image`` from an atlas: fit an affine map, warp the atlas's class maps, argmax.
@@ -132,7 +93,12 @@ def atlas_segmentation(atlas_image: Any, atlas_probabilities: Any, subject_image
     if probs.ndim != 4 or probs.shape[:3] != np.shape(atlas_image):
         raise ValueError(f"atlas_probabilities: expected (X, Y, Z, K) matching atlas_image {np.shape(atlas_image)}, "
                          f"got {probs.shape}")
-    theta = register_affine(atlas_image, subject_image, iterations=iterations)
+    moving, fixed = (torch.as_tensor(as_volume(v, name), dtype=torch.float32)[None, None]      # (1, 1, *S)
+                     for v, name in ((atlas_image, "atlas_image"), (subject_image, "subject_image")))
+    # global NCC: the atlas need not share the subject's intensity scale; shrunk twice, since a global
+    # map needs no fine detail; affine_grid's normalised coordinates carry the map to the full grid
+    theta = register_affine(moving, fixed, similarity="global_ncc", steps=iterations, lr=0.01, blur_vox=0.0,
+                            shrink=2, resample="affine_grid").theta
     p = torch.from_numpy(probs).permute(3, 0, 1, 2)[None]                                 # (1, K, *S)
     grid = F.affine_grid(theta, [1, p.shape[1], *np.shape(subject_image)], align_corners=False)
     warped = F.grid_sample(p, grid, align_corners=False)                                  # (1, K, *S)
@@ -155,7 +121,7 @@ def heart_intensity_segmentation(image: Any, spacing: Any, wall_mm: float = 9.0,
     """
     from sklearn.cluster import KMeans
 
-    x = _checked(image)
+    x = as_volume(image, "image")
     sp = np.asarray(spacing, dtype=float).reshape(-1)
     if sp.size == 1:
         sp = np.repeat(sp, 3)

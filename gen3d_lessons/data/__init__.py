@@ -1,7 +1,8 @@
 """The book's datasets: generated phantoms (brain, heart) cached under ``data/``, and readers.
 
 Nothing is downloaded. ``ensure_dataset("brain")`` makes the cohort the first time (seconds) and
-reuses it afterwards; the same readers open real MSD / ACDC folders (see ``datasets.py``).
+reuses it afterwards; the same readers open real MSD / ACDC folders (see ``datasets.py``), and
+``batches.py`` serves tensors held in memory as seeded, resumable batches for ``training.fit``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from .errors import DataError
 
 # The datasets `make data` writes (the CLI of data_scripts/ with these arguments).
@@ -21,6 +24,15 @@ DEFAULTS = {
     "brain": dict(n=64, size=64, seed=0),
     "heart": dict(n=64, size=64, seed=0, frames=16),
 }
+
+
+def subject_seed(dataset_seed: int, index: int) -> int:
+    """The seed of subject ``index`` in the phantom dataset of ``dataset_seed`` (brain or heart).
+
+    It depends on the pair only, not on the dataset's size: subject 3 of a 10-subject dataset is
+    subject 3 of a 64-subject one, and two datasets with different seeds share no subject.
+    """
+    return int(np.random.SeedSequence([int(dataset_seed), int(index)]).generate_state(1)[0])
 
 
 def data_root() -> Path:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .. import spatial
+from . import subject_seed
 from .errors import DataError
 from .msd import Case, write_msd_dataset
 
@@ -128,11 +129,6 @@ def atrophy_strength(age: float, cfg: BrainConfig) -> float:
     """a(age): 0 for a young adult (the template's age), 1 at ``atrophy_full_age``, rising ever faster."""
     t = (age - cfg.atrophy_start_age) / (cfg.atrophy_full_age - cfg.atrophy_start_age)
     return float(np.clip(t, 0.0, 1.5) ** cfg.atrophy_power)
-
-
-def subject_seed(dataset_seed: int, index: int) -> int:
-    """The seed of subject ``index`` in the dataset of ``dataset_seed``: the same whatever the dataset size."""
-    return int(np.random.SeedSequence([int(dataset_seed), int(index)]).generate_state(1)[0])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ that the listed files are there (and match the manifest's checksums when asked):
 
 ``load_case(record)`` reads one case's volumes with checks, and ``VolumeDataset`` serves cases as
 torch tensors ``(C, D, H, W)``, where D, H, W are the three array axes of the NIfTI file.
+``stack_cases`` / ``stack_cine_phases`` read a whole split into one tensor for in-memory
+batches (:mod:`gen3d_lessons.data.batches`).
 """
 
 from __future__ import annotations
@@ -551,3 +553,54 @@ class VolumeDataset(torch.utils.data.Dataset):
         if is_label:
             return F.interpolate(x[None].float(), size=self.size, mode="nearest-exact")[0].long()
         return F.interpolate(x[None], size=self.size, mode="trilinear", align_corners=False)[0]
+
+
+# ----------------------------------------------------------------------------- cases as one tensor
+
+def stack_cases(records: Sequence[CaseRecord], channels: Sequence[int] | None = None, image_key: str = "image",
+                label_key: str = "label") -> tuple[torch.Tensor, torch.Tensor]:
+    """The images (N, C, X, Y, Z) float32 and labels (N, 1, X, Y, Z) int64 of some cases.
+
+    ``records`` come from ``read_dataset(...).split(...)``; ``channels`` picks channels of 4D
+    images (all if None); ``image_key`` picks another image of the case (e.g. ``"lowdose"``).
+    Every file is read and checked by :func:`load_case`.
+    """
+    images, labels = [], []
+    for record in records:
+        case = load_case(record, [image_key, label_key])
+        x = case[image_key].data
+        x = x[..., None] if x.ndim == 3 else x                              # (X, Y, Z, C)
+        x = x[..., list(channels)] if channels is not None else x
+        images.append(torch.from_numpy(np.moveaxis(x, -1, 0).copy()))       # (C, X, Y, Z)
+        labels.append(torch.from_numpy(case[label_key].data)[None])        # (1, X, Y, Z)
+    if not images:
+        raise ValueError("records: no cases to stack")
+    return torch.stack(images), torch.stack(labels)
+
+
+def stack_cine_phases(records: Sequence[CaseRecord], z: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """End-diastole and end-systole of cine cases: images (2N, 1, X, Y, Z'), labels (2N, 1, X, Y, Z').
+
+    Each case gives its ED frame with ``label`` and its ES frame with ``es`` (frames from the
+    ``ed_frame`` / ``es_frame`` attributes); ``z`` keeps a range of slices. Only the two frames
+    are decompressed from the 4D file, not the whole cycle. Returns the phase of each item too.
+    """
+    import nibabel as nib
+
+    images, labels, phases = [], [], []
+    for record in records:
+        cine = nib.load(str(record.files["image"])).dataobj                # (X, Y, Z, T), read lazily
+        if len(cine.shape) != 4:
+            raise DataError(record.files["image"], f"expected a 4D cine (X, Y, Z, T), got shape {cine.shape}")
+        case = load_case(record, ["label", "es"])
+        for phase, key in (("ED", "label"), ("ES", "es")):
+            t = int(record.attributes[f"{phase.lower()}_frame"])
+            frame = np.asarray(cine[..., t], dtype=np.float32)
+            if not np.isfinite(frame).all():
+                raise DataError(record.files["image"], f"frame {t} ({phase}) contains NaN or infinite values")
+            images.append(torch.from_numpy(frame[..., z].copy())[None])     # (1, X, Y, Z')
+            labels.append(torch.from_numpy(case[key].data[..., z].copy())[None])
+            phases.append(phase)
+    if not images:
+        raise ValueError("records: no cases to stack")
+    return torch.stack(images), torch.stack(labels), phases

@@ -35,6 +35,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from . import subject_seed
 from .msd import Case, write_msd_dataset
 from .nifti import spacing_affine
 
@@ -807,11 +808,6 @@ def make_heart_subject(seed: int, cfg: HeartConfig, *, pathology: str | None = N
                   for k, v in attributes.items()}
     return {"cine": cine, "labels": labels, "ed_frame": 0, "es_frame": es, "affine": affine,
             "attributes": attributes}
-
-
-def subject_seed(seed: int, index: int) -> int:
-    """Seed of subject ``index`` of a dataset: depends on (seed, index) only, not on its size."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 
 def _prefetch(items: Iterable, depth: int = 1) -> Iterator:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .vae import _down, _up, check_pyramid
+from ..blocks import check_pyramid, check_volumes, down, up
 
 
 @dataclass
@@ -52,19 +52,6 @@ class AEConfig:
         return self.size // 2 ** len(self.channels)
 
 
-def check_volumes(x: torch.Tensor, channels: int, size: int, name: str = "x") -> None:
-    """Raise a ValueError unless ``x`` is a finite float tensor (B, channels, size, size, size)."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor (B, {channels}, {size}, {size}, {size}), "
-                         f"got {type(x).__name__}")
-    if x.ndim != 5 or x.shape[1] != channels or tuple(x.shape[2:]) != (size, size, size):
-        raise ValueError(f"{name}: expected shape (B, {channels}, {size}, {size}, {size}), got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name}: contains {int((~torch.isfinite(x)).sum())} NaN or infinite values")
-
-
 class Autoencoder3D(nn.Module):
     """A deterministic 3D autoencoder with a vector bottleneck: ``encode``, ``decode``, ``forward``.
 
@@ -76,12 +63,12 @@ class Autoencoder3D(nn.Module):
         self.cfg = cfg = cfg or AEConfig()
         ch, g, b = cfg.channels, cfg.groups, cfg.bottleneck
         flat = ch[-1] * b ** 3                                   # features of the coarsest map
-        self.encoder = nn.Sequential(*(_down(c_in, c_out, g) for c_in, c_out in zip((cfg.in_channels,) + ch, ch)))
+        self.encoder = nn.Sequential(*(down(c_in, c_out, g) for c_in, c_out in zip((cfg.in_channels,) + ch, ch)))
         self.to_latent = nn.Linear(flat, cfg.latent_dim)
         self.from_latent = nn.Linear(cfg.latent_dim, flat)
         rev = ch[::-1]                                           # e.g. (64, 32, 16)
-        self.decoder = nn.Sequential(*(_up(c_in, c_out, g) for c_in, c_out in zip(rev, rev[1:])),
-                                     _up(ch[0], cfg.in_channels, None))
+        self.decoder = nn.Sequential(*(up(c_in, c_out, g) for c_in, c_out in zip(rev, rev[1:])),
+                                     up(ch[0], cfg.in_channels, None))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """z = E_phi(x): (B, C, D, H, W) -> (B, Z)."""
@@ -129,15 +116,15 @@ class UNetAutoencoder3D(Autoencoder3D):
         cfg = self.cfg
         rev = cfg.channels[::-1]                                 # e.g. (64, 32, 16)
         # the mirror of the encoder, each transposed convolution taking [h, skip]: 2x the channels
-        self.decoder = nn.Sequential(*(_up(2 * c_in, c_out, cfg.groups) for c_in, c_out in zip(rev, rev[1:])),
-                                     _up(2 * cfg.channels[0], cfg.in_channels, None))
+        self.decoder = nn.Sequential(*(up(2 * c_in, c_out, cfg.groups) for c_in, c_out in zip(rev, rev[1:])),
+                                     up(2 * cfg.channels[0], cfg.in_channels, None))
 
     def encode_with_skips(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``z`` (B, Z) and the encoder's feature maps, finest first: [(B, c1, D/2, ...), (B, c2, D/4, ...), ...]."""
         check_volumes(x, self.cfg.in_channels, self.cfg.size)
         skips, h = [], x
-        for down in self.encoder:
-            h = down(h)
+        for level in self.encoder:
+            h = level(h)                                                    # (B, c_k, D / 2^k, H / 2^k, W / 2^k)
             skips.append(h)
         return self.to_latent(h.flatten(1)), skips
 
@@ -155,8 +142,8 @@ class UNetAutoencoder3D(Autoencoder3D):
         if len(skips) != len(ch):
             raise ValueError(f"skips: expected {len(ch)} feature maps, got {len(skips)}")
         h = self.from_latent(z).view(z.shape[0], ch[-1], b, b, b)         # (B, C_last, b, b, b)
-        for up, skip in zip(self.decoder, reversed(skips)):
-            h = up(torch.cat([h, skip], dim=1))                             # (B, 2C, ...) -> (B, C_next, 2x edge)
+        for level, skip in zip(self.decoder, reversed(skips)):
+            h = level(torch.cat([h, skip], dim=1))                          # (B, 2C, ...) -> (B, C_next, 2x edge)
         return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,4 +219,4 @@ class PCA3D:
         return self.decode(z * self.explained_variance.float().sqrt())
 
 
-__all__ = ["AEConfig", "Autoencoder3D", "UNetAutoencoder3D", "PCA3D", "check_volumes"]
+__all__ = ["AEConfig", "Autoencoder3D", "UNetAutoencoder3D", "PCA3D"]

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ..blocks import conv_norm_act
+
 NORMS = ("group", "batch", "instance", "none")
 
 
@@ -70,24 +72,18 @@ class REDConfig:
         return self.out_channels or self.in_channels
 
 
-def _norm(kind: str, c: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm3d(c)
-    if kind == "group":
-        return nn.GroupNorm(min(4, c), c)   # statistics per sample: the same in training and use
-    if kind == "instance":
-        return nn.InstanceNorm3d(c, affine=True)
-    return nn.Identity()
-
-
 def _conv(c_in: int, c_out: int, slope: float, norm: str, stride: int = 1) -> nn.Sequential:
-    """3×3×3 convolution (stride 2 halves the edge) + normalisation + LeakyReLU."""
-    return nn.Sequential(nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1), _norm(norm, c_out), nn.LeakyReLU(slope))
+    """3×3×3 convolution (stride 2 halves the edge) + normalisation + LeakyReLU.
+
+    ``norm="group"`` uses at most 4 groups: statistics per sample, the same in training and use.
+    """
+    return conv_norm_act(c_in, c_out, 3, stride, norm=norm, groups=min(4, c_out), act=nn.LeakyReLU(slope))
 
 
 def _up(c_in: int, c_out: int, slope: float, norm: str) -> nn.Sequential:
     """2×2×2 transposed convolution with stride 2: doubles the edge exactly (no checkerboard overlap)."""
-    return nn.Sequential(nn.ConvTranspose3d(c_in, c_out, 2, stride=2), _norm(norm, c_out), nn.LeakyReLU(slope))
+    return conv_norm_act(c_in, c_out, 2, stride=2, padding=0, transposed=True, norm=norm, groups=min(4, c_out),
+                         act=nn.LeakyReLU(slope))
 
 
 class RED3D(nn.Module):

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..blocks import conv_norm_act
+
 
 @dataclass
 class EncoderConfig:
@@ -49,15 +51,6 @@ class EncoderConfig:
                              f"{2 ** len(self.channels)}")
 
 
-def _block(c_in: int, c_out: int, groups: int, stride: int) -> nn.Sequential:
-    """3×3×3 convolution (stride 2 halves the edge) + GroupNorm + SiLU.
-
-    GroupNorm, not BatchNorm: the frozen encoder must give a volume the same features whatever
-    else is in the batch (BatchNorm in training mode would mix samples).
-    """
-    return nn.Sequential(nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1), nn.GroupNorm(groups, c_out), nn.SiLU())
-
-
 class Encoder3D(nn.Module):
     """Strided conv blocks -> global average pool -> features; linear heads for the training tasks.
 
@@ -69,8 +62,12 @@ class Encoder3D(nn.Module):
         super().__init__()
         self.cfg = cfg
         widths = (cfg.in_channels, *cfg.channels)
-        self.down = nn.Sequential(*[_block(a, b, cfg.groups, stride=2) for a, b in zip(widths[:-1], widths[1:])])
-        self.widen = _block(widths[-1], cfg.feature_dim, cfg.groups, stride=1)
+        # 3×3×3 convolution (stride 2 halves the edge) + GroupNorm + SiLU. GroupNorm, not BatchNorm:
+        # the frozen encoder must give a volume the same features whatever else is in the batch
+        # (BatchNorm in training mode would mix samples).
+        self.down = nn.Sequential(*[conv_norm_act(a, b, stride=2, norm="group", groups=cfg.groups)
+                                    for a, b in zip(widths[:-1], widths[1:])])
+        self.widen = conv_norm_act(widths[-1], cfg.feature_dim, norm="group", groups=cfg.groups)
         # one linear head per task, all reading the same features
         self.age = nn.Linear(cfg.feature_dim, 1)
         self.site = nn.Linear(cfg.feature_dim, cfg.n_sites)

@@ -15,7 +15,7 @@ functions are in :mod:`gen3d_lessons.training.gan`). Everything here is a plain 
   condition enters by **projection** (Miyato & Koyama 2018: ``D(x, c) = ψ(φ(x)) + <E c, φ(x)>``)
   or by **concatenation** as constant extra input channels (Mirza & Osindero 2014).
 - pix2pix (Eq. 3) and CycleGAN (Eq. 4) reuse the book's :class:`~gen3d_lessons.models.unet.UNet3D`
-  as generator and its 3D PatchGAN (:class:`~gen3d_lessons.models.segmentation.PatchDiscriminator3D`)
+  as generator and the 3D PatchGAN (:class:`~gen3d_lessons.blocks.PatchDiscriminator3D`)
   through :class:`PatchCritic3D`, which judges one volume or a concatenated pair.
 
 The StyleGAN2-style generator is in :mod:`gen3d_lessons.models.stylegan`.
@@ -30,27 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .segmentation import PatchDiscriminator3D, PatchDiscriminatorConfig
+from ..blocks import (PatchDiscriminator3D, PatchDiscriminatorConfig, check_condition, conv_norm_act, norm,
+                      sample_from_prior)
 
-__all__ = ["GeneratorConfig", "Generator3D", "DiscriminatorConfig", "Discriminator3D", "PatchCritic3D",
-           "count_parameters"]
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def _check_condition(c: torch.Tensor | None, batch: int, cond_dim: int, who: str) -> None:
-    if cond_dim == 0 and c is not None:
-        raise ValueError(f"c: this {who} has cond_dim=0 and takes no condition; build it with cond_dim=K "
-                         "to condition on a (B, K) vector")
-    if cond_dim > 0:
-        got = None if c is None else tuple(c.shape)
-        if c is None or c.ndim != 2 or c.shape != (batch, cond_dim):
-            raise ValueError(f"c: this {who} needs a condition of shape ({batch}, {cond_dim}), got {got}")
-        if not torch.isfinite(c).all():
-            raise ValueError("c: contains NaN or infinite values")
+__all__ = ["GeneratorConfig", "Generator3D", "DiscriminatorConfig", "Discriminator3D", "PatchCritic3D"]
 
 
 # 1. The generator ------------------------------------------------------------------------------
@@ -72,7 +55,7 @@ class GeneratorConfig:
     size: int = 32                               # edge of the generated cube
     start: int = 4                               # edge of the first feature map
     channels: tuple[int, ...] = (64, 32, 16)     # one doubling of the edge between consecutive widths
-    norm: str = "pixel"                          # "pixel" | "batch" | "none": after every convolution but the last
+    norm: str = "pixel"                          # "pixel" | "batch" | "none" (blocks.norm): after all but the last conv
     upsample: str = "nearest"                    # "nearest" | "trilinear": how the grid is doubled
     output: str = "sigmoid"                      # "sigmoid": intensities in [0, 1], as the phantoms | "none"
     template: bool = False                       # a learned per-voxel bias on the output (see set_template)
@@ -98,21 +81,6 @@ class GeneratorConfig:
         return self.start * 2 ** (len(self.channels) - 1)
 
 
-class PixelNorm(nn.Module):
-    """Scale each voxel's feature vector to unit mean square over channels (Karras et al. 2018).
-
-    Per sample and per voxel, so it acts the same in training and evaluation, unlike batch norm
-    (whose running statistics an averaged generator would not share).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + 1e-8)           # (B, C, D, H, W)
-
-
-def _g_norm(kind: str, c: int) -> nn.Module:
-    return {"batch": lambda: nn.BatchNorm3d(c), "pixel": PixelNorm, "none": nn.Identity}[kind]()
-
-
 class Generator3D(nn.Module):
     """``z`` (B, Z) [and ``c`` (B, K)] -> volume (B, C, size, size, size).
 
@@ -130,11 +98,10 @@ class Generator3D(nn.Module):
         self.cfg = cfg = cfg or GeneratorConfig()
         ch, s = cfg.channels, cfg.start
         self.project = nn.Linear(cfg.z_dim + cfg.cond_dim, ch[0] * s ** 3)
-        self.project_norm = nn.Sequential(_g_norm(cfg.norm, ch[0]), nn.LeakyReLU(0.2))
+        self.project_norm = nn.Sequential(norm(cfg.norm, ch[0]), nn.LeakyReLU(0.2))
         self.levels = nn.ModuleList(
             nn.Sequential(nn.Upsample(scale_factor=2, mode=cfg.upsample),
-                          nn.Conv3d(c_in, c_out, 3, padding=1, bias=cfg.norm != "batch"),
-                          _g_norm(cfg.norm, c_out), nn.LeakyReLU(0.2))
+                          *conv_norm_act(c_in, c_out, norm=cfg.norm, bias=cfg.norm != "batch", act=nn.LeakyReLU(0.2)))
             for c_in, c_out in zip(ch, ch[1:]))
         self.to_image = nn.Sequential(
             nn.Upsample(scale_factor=2, mode=cfg.upsample) if cfg.size == 2 * cfg.last_edge else nn.Identity(),
@@ -163,7 +130,7 @@ class Generator3D(nn.Module):
         cfg = self.cfg
         if z.ndim != 2 or z.shape[1] != cfg.z_dim:
             raise ValueError(f"z: expected shape (B, {cfg.z_dim}), got {tuple(z.shape)}")
-        _check_condition(c, z.shape[0], cfg.cond_dim, "generator")
+        check_condition(c, z.shape[0], cfg.cond_dim, "generator")
         # 1. project [z, c] to a small grid
         h = torch.cat([z, c.to(z.dtype)], 1) if c is not None else z                 # (B, Z + K)
         h = self.project(h).view(z.shape[0], cfg.channels[0], cfg.start, cfg.start, cfg.start)
@@ -180,22 +147,7 @@ class Generator3D(nn.Module):
     def sample(self, n: int, c: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` volumes from fresh codes ``z ~ N(0, I)`` (drawn on the CPU with ``generator``, for
         reproducible samples on any device), in evaluation mode and without gradients."""
-        return _sample(self, n, self.cfg.z_dim, c, generator)
-
-
-@torch.no_grad()
-def _sample(model: nn.Module, n: int, z_dim: int, c: torch.Tensor | None,
-            generator: torch.Generator | None) -> torch.Tensor:
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive number of samples, got {n!r}")
-    device = next(model.parameters()).device
-    z = torch.randn(n, z_dim, generator=generator).to(device)                          # (n, Z)
-    was_training = model.training
-    model.eval()
-    try:
-        return model(z, None if c is None else c.to(device))
-    finally:
-        model.train(was_training)
+        return sample_from_prior(self, n, self.cfg.z_dim, c, generator)
 
 
 # 2. The discriminator / critic -----------------------------------------------------------------
@@ -251,7 +203,7 @@ class Discriminator3D(nn.Module):
         n = cfg.size
         if x.ndim != 5 or x.shape[1] != cfg.in_channels or tuple(x.shape[2:]) != (n, n, n):
             raise ValueError(f"x: expected shape (B, {cfg.in_channels}, {n}, {n}, {n}), got {tuple(x.shape)}")
-        _check_condition(c, x.shape[0], cfg.cond_dim, "discriminator")
+        check_condition(c, x.shape[0], cfg.cond_dim, "discriminator")
         # 1. concatenation: c as constant channels
         if c is not None and cfg.cond_mode == "concat":
             x = torch.cat([x, c.to(x.dtype)[:, :, None, None, None].expand(-1, -1, n, n, n)], 1)  # (B, C + K, n³)
@@ -267,7 +219,7 @@ class Discriminator3D(nn.Module):
 # 3. pix2pix and CycleGAN: the book's U-Net and PatchGAN ----------------------------------------
 
 class PatchCritic3D(nn.Module):
-    """The 3D PatchGAN of :mod:`gen3d_lessons.models.segmentation` for one volume or a pair.
+    """The 3D PatchGAN (:class:`~gen3d_lessons.blocks.PatchDiscriminator3D`) for one volume or a pair.
 
     ``forward(*volumes)`` concatenates its arguments along channels and returns one logit per
     patch, (B, 1, D/2^n, H/2^n, W/2^n). pix2pix's ``D(x, y)`` judges the pair (source, target);

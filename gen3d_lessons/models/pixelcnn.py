@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..blocks import one_hot
 from ..profiles import step_cap
 
 # 1. Quantised intensities -----------------------------------------------------------------------
@@ -98,11 +99,6 @@ def _check_levels(x: torch.Tensor, levels: int, name: str = "x") -> None:
         raise ValueError(f"{name}: expected integer levels (use quantise(...) first), got dtype {x.dtype}")
     if x.numel() and (x.min() < 0 or x.max() >= levels):
         raise ValueError(f"{name}: levels must lie in [0, {levels - 1}], got [{int(x.min())}, {int(x.max())}]")
-
-
-def one_hot(x: torch.Tensor, levels: int) -> torch.Tensor:
-    """Levels (B, 1, D, H, W) -> one-hot float (B, L, D, H, W)."""
-    return F.one_hot(x[:, 0], levels).permute(0, 4, 1, 2, 3).float()
 
 
 # 2. Causal masks ----------------------------------------------------------------------------------
@@ -389,5 +385,5 @@ def receptive_field(model: PixelCNN3D, shape: tuple[int, int, int], voxel: tuple
     return (onehot.grad[0].abs().sum(0) > 0).cpu()
 
 
-__all__ = ["quantise", "dequantise", "one_hot", "causal_mask", "MaskedConv3d", "uniform_nll_bits", "VoxelHistogram",
+__all__ = ["quantise", "dequantise", "causal_mask", "MaskedConv3d", "uniform_nll_bits", "VoxelHistogram",
            "PixelCNNConfig", "PixelCNN3D", "receptive_field"]

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import spatial
+from ..blocks import conv_norm_act
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,7 @@ def similarity_force(moving: torch.Tensor, fixed: torch.Tensor, eps: float = 1e-
 
 def _conv(c_in: int, c_out: int, stride: int = 1, norm: bool = False) -> nn.Sequential:
     """3x3x3 convolution and LeakyReLU(0.2), VoxelMorph's only building block; optionally normalised."""
-    layers = [nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1)]
-    if norm:
-        layers.append(nn.InstanceNorm3d(c_out, affine=True))
-    return nn.Sequential(*layers, nn.LeakyReLU(0.2))
+    return conv_norm_act(c_in, c_out, 3, stride, norm="instance" if norm else "none", act=nn.LeakyReLU(0.2))
 
 
 class VoxelMorph(nn.Module):

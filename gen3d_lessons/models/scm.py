@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .autoencoder import check_volumes
+from ..blocks import check_volumes
 from .vae import VAE3D
 
 

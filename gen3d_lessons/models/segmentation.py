@@ -1,7 +1,8 @@
 """Two generative twists on the segmentation U-Net, after the survey's §3.4.
 
 * **Vox2Vox** (Cirillo et al. 2021): the U-Net is the *generator* of a conditional GAN that turns
-  an image into a label map, and a 3D **PatchGAN** discriminator (Isola et al. 2017) judges
+  an image into a label map, and a 3D **PatchGAN** discriminator (Isola et al. 2017;
+  :class:`~gen3d_lessons.blocks.PatchDiscriminator3D`, shared with chapter 3's pix2pix) judges
   (image, label map) pairs patch by patch: real pairs carry the expert's labels, fake pairs the
   U-Net's softmax. It is the pix2pix objective (the survey's Eq. 3) with a segmentation loss in
   place of the L1 term.
@@ -21,55 +22,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .unet import ConvBlock3d, UNet3D, UNetConfig
+from ..blocks import ConvBlock3d
+from .unet import UNet3D, UNetConfig
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. The 3D PatchGAN discriminator
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PatchDiscriminatorConfig:
-    """A 3D PatchGAN: strided 4×4×4 convolutions, one real/fake logit per patch."""
-
-    in_channels: int = 5              # image channels + classes (the pair is concatenated)
-    features: tuple[int, ...] = (16, 32, 64)   # each halves the grid
-
-    def __post_init__(self):
-        object.__setattr__(self, "features", tuple(int(f) for f in self.features))
-        if self.in_channels < 1 or len(self.features) < 1 or min(self.features) < 1:
-            raise ValueError(f"PatchDiscriminatorConfig: expected positive in_channels and features, got {self}")
-
-
-class PatchDiscriminator3D(nn.Module):
-    """``(B, C_img + C_lab, D, H, W) -> (B, 1, D / 2^n, H / 2^n, W / 2^n)`` patch logits.
-
-    With three stride-2 layers and a final 3×3×3 layer, each output logit sees a receptive field
-    of 38 voxels: on a 32³ crop it judges overlapping regions, not the whole volume, which
-    is what makes a PatchGAN a critic of *local* texture and shape (Isola et al. 2017).
-    """
-
-    def __init__(self, cfg: PatchDiscriminatorConfig = PatchDiscriminatorConfig()):
-        super().__init__()
-        self.cfg = cfg
-        layers: list[nn.Module] = []
-        c = cfg.in_channels
-        for k, f in enumerate(cfg.features):
-            layers += [nn.Conv3d(c, f, 4, stride=2, padding=1),
-                       # no normalisation on the first layer, as in pix2pix
-                       nn.InstanceNorm3d(f, affine=True) if k > 0 else nn.Identity(),
-                       nn.LeakyReLU(0.2, inplace=True)]
-            c = f
-        layers.append(nn.Conv3d(c, 1, 3, padding=1))       # one logit per patch
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, image: torch.Tensor, label_probs: torch.Tensor) -> torch.Tensor:
-        """``image`` (B, C_img, *S) and a one-hot or softmax ``label_probs`` (B, C_lab, *S)."""
-        return self.net(torch.cat([image, label_probs], dim=1))
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. The VAE-regularised U-Net (Myronenko 2019)
+# The VAE-regularised U-Net (Myronenko 2019)
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gan import _check_condition, _sample
+from ..blocks import check_condition, sample_from_prior
 
 __all__ = ["StyleGANConfig", "MappingNetwork", "ModulatedConv3d", "NoiseInjection", "StyleBlock3D",
            "StyleGenerator3D"]
@@ -188,9 +188,9 @@ class StyleGenerator3D(nn.Module):
         cfg = self.cfg
         if z.ndim != 2 or z.shape[1] != cfg.z_dim:
             raise ValueError(f"z: expected shape (B, {cfg.z_dim}), got {tuple(z.shape)}")
-        _check_condition(c, z.shape[0], cfg.cond_dim, "generator")
+        check_condition(c, z.shape[0], cfg.cond_dim, "generator")
         return self.synthesis(self.mapping(z, c), noise)                                # (B, C, size³)
 
     def sample(self, n: int, c: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` volumes from fresh codes, in evaluation mode and without gradients."""
-        return _sample(self, n, self.cfg.z_dim, c, generator)
+        return sample_from_prior(self, n, self.cfg.z_dim, c, generator)

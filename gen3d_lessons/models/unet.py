@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..blocks import ConvBlock3d
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -65,33 +67,11 @@ class UNetConfig:
         return 2 ** (len(self.features) - 1)
 
 
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "instance":
-        # affine: a learnable scale and shift per channel, as BatchNorm has
-        return nn.InstanceNorm3d(channels, affine=True)
-    if kind == "batch":
-        return nn.BatchNorm3d(channels)
-    return nn.Identity()
-
-
-class ConvBlock3d(nn.Sequential):
-    """Two (3×3×3 convolution → normalisation → LeakyReLU) layers: the U-Net's unit of work.
-
-    No bias in the convolutions: the normalisation that follows would subtract it again.
-    """
-
-    def __init__(self, c_in: int, c_out: int, norm: str = "instance", dropout: float = 0.0):
-        layers: list[nn.Module] = []
-        for c in (c_in, c_out):
-            layers += [nn.Conv3d(c, c_out, 3, padding=1, bias=norm == "none"), _norm(norm, c_out),
-                       nn.LeakyReLU(0.01, inplace=True)]
-        if dropout > 0:
-            layers.append(nn.Dropout3d(dropout))
-        super().__init__(*layers)
-
-
 class UNet3D(nn.Module):
-    """A 3D U-Net: ``forward(x)`` maps ``(B, C_in, D, H, W)`` images to ``(B, C_out, D, H, W)`` logits."""
+    """A 3D U-Net: ``forward(x)`` maps ``(B, C_in, D, H, W)`` images to ``(B, C_out, D, H, W)`` logits.
+
+    Every level's ``block`` is a :class:`~gen3d_lessons.blocks.ConvBlock3d`.
+    """
 
     def __init__(self, cfg: UNetConfig = UNetConfig()):
         super().__init__()

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..blocks import check_pyramid, down, up
+
 
 @dataclass
 class VAEConfig:
@@ -50,30 +52,6 @@ class VAEConfig:
         return self.size // 2 ** len(self.channels)
 
 
-def check_pyramid(name: str, channels: tuple[int, ...], groups: int, size: int) -> None:
-    """Raise unless GroupNorm's ``groups`` divide every width and ``size`` halves once per width."""
-    if any(c % groups for c in channels):
-        raise ValueError(f"{name}: groups={groups} must divide every channel count {channels}")
-    if size % 2 ** len(channels) or size < 2 ** len(channels):
-        raise ValueError(f"{name}: size {size} must be a multiple of 2**len(channels) = {2 ** len(channels)}")
-
-
-def _down(c_in: int, c_out: int, groups: int) -> nn.Sequential:
-    """Halve the edge: a 4×4×4 convolution with stride 2, GroupNorm, SiLU.
-
-    No convolution runs at full resolution: on a CPU a 16-channel 3×3×3 layer on 32³ voxels costs
-    more than the rest of the network together. GroupNorm rather than BatchNorm: it behaves the
-    same in training and evaluation and with batches of a few volumes.
-    """
-    return nn.Sequential(nn.Conv3d(c_in, c_out, 4, stride=2, padding=1), nn.GroupNorm(groups, c_out), nn.SiLU())
-
-
-def _up(c_in: int, c_out: int, groups: int | None) -> nn.Sequential:
-    """Double the edge: a 4×4×4 transposed convolution with stride 2 (+ GroupNorm, SiLU unless last)."""
-    conv = nn.ConvTranspose3d(c_in, c_out, 4, stride=2, padding=1)
-    return nn.Sequential(conv) if groups is None else nn.Sequential(conv, nn.GroupNorm(groups, c_out), nn.SiLU())
-
-
 class VAE3D(nn.Module):
     """3D (conditional) VAE with a vector latent.
 
@@ -89,13 +67,13 @@ class VAE3D(nn.Module):
         ch, g, b = cfg.channels, cfg.groups, cfg.bottleneck
         flat = ch[-1] * b ** 3                                   # features of the coarsest map
         # encoder: one stride-2 block per level, 32³ -> 16³ -> 8³ -> 4³ for three levels
-        self.encoder = nn.Sequential(*(_down(c_in, c_out, g) for c_in, c_out in zip((cfg.in_channels,) + ch, ch)))
+        self.encoder = nn.Sequential(*(down(c_in, c_out, g) for c_in, c_out in zip((cfg.in_channels,) + ch, ch)))
         self.to_stats = nn.Linear(flat + cfg.cond_dim, 2 * cfg.latent_dim)   # -> (mu, logvar)
         # decoder: the mirror image
         self.from_latent = nn.Linear(cfg.latent_dim + cfg.cond_dim, flat)
         rev = ch[::-1]                                           # e.g. (64, 32, 16)
-        self.decoder = nn.Sequential(*(_up(c_in, c_out, g) for c_in, c_out in zip(rev, rev[1:])),
-                                     _up(ch[0], cfg.in_channels, None))
+        self.decoder = nn.Sequential(*(up(c_in, c_out, g) for c_in, c_out in zip(rev, rev[1:])),
+                                     up(ch[0], cfg.in_channels, None))
 
     # ----- helpers -----------------------------------------------------------------------------
     def _check_condition(self, c: torch.Tensor | None, batch: int) -> None:

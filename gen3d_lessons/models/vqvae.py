@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ..blocks import conv_norm_act, down, up
 from ..profiles import step_cap
 
 
@@ -134,22 +135,6 @@ class VectorQuantizerEMA(nn.Module):
         return z_q, commitment, k.view(B, d, h, w)
 
 
-def _down(c_in: int, c_out: int, groups: int) -> nn.Sequential:
-    """Halve the edge: 4×4×4 convolution with stride 2, GroupNorm, SiLU."""
-    return nn.Sequential(nn.Conv3d(c_in, c_out, 4, stride=2, padding=1), nn.GroupNorm(groups, c_out), nn.SiLU())
-
-
-def _up(c_in: int, c_out: int, groups: int | None) -> nn.Sequential:
-    """Double the edge: 4×4×4 transposed convolution with stride 2 (+ GroupNorm, SiLU unless last)."""
-    conv = nn.ConvTranspose3d(c_in, c_out, 4, stride=2, padding=1)
-    return nn.Sequential(conv) if groups is None else nn.Sequential(conv, nn.GroupNorm(groups, c_out), nn.SiLU())
-
-
-def _refine(c: int, groups: int) -> nn.Sequential:
-    """A 3×3×3 convolution at the code resolution (cheap there: 8³ voxels)."""
-    return nn.Sequential(nn.Conv3d(c, c, 3, padding=1), nn.GroupNorm(groups, c), nn.SiLU())
-
-
 class VQVAE3D(nn.Module):
     """Encoder -> vector quantiser -> decoder.
 
@@ -162,16 +147,17 @@ class VQVAE3D(nn.Module):
         super().__init__()
         self.cfg = cfg = cfg or VQVAEConfig()
         ch, g = cfg.channels, cfg.groups
+        # the 3×3×3 conv_norm_act layers run at the code resolution, where they are cheap (8³ voxels)
         self.encoder = nn.Sequential(
-            *(_down(c_in, c_out, g) for c_in, c_out in zip((cfg.in_channels,) + ch, ch)),
-            _refine(ch[-1], g), nn.Conv3d(ch[-1], cfg.embedding_dim, 1))
+            *(down(c_in, c_out, g) for c_in, c_out in zip((cfg.in_channels,) + ch, ch)),
+            conv_norm_act(ch[-1], ch[-1], norm="group", groups=g), nn.Conv3d(ch[-1], cfg.embedding_dim, 1))
         self.quantizer = VectorQuantizerEMA(cfg.num_embeddings, cfg.embedding_dim, cfg.decay)
         rev = ch[::-1]
         self.decoder = nn.Sequential(
-            nn.Conv3d(cfg.embedding_dim, ch[-1], 3, padding=1), nn.GroupNorm(g, ch[-1]), nn.SiLU(),
-            _refine(ch[-1], g),
-            *(_up(c_in, c_out, g) for c_in, c_out in zip(rev, rev[1:])),
-            _up(ch[0], cfg.in_channels, None))
+            *conv_norm_act(cfg.embedding_dim, ch[-1], norm="group", groups=g),   # unpacked: decoder.0, .1, .2
+            conv_norm_act(ch[-1], ch[-1], norm="group", groups=g),
+            *(up(c_in, c_out, g) for c_in, c_out in zip(rev, rev[1:])),
+            up(ch[0], cfg.in_channels, None))
 
     def _check(self, x: torch.Tensor) -> None:
         f = self.cfg.factor

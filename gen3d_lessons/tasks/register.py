@@ -4,8 +4,8 @@
   checks its inputs, then returns the displacement, the warped moving volume (and its labels) and
   the seconds it took;
 - :func:`register_iterative` is the classical baseline: gradient descent on a displacement or
-  velocity field for *one* pair, with the same loss a network is trained with;
-- :func:`register_affine` optimises a 3x4 matrix (12 numbers) instead of a field;
+  velocity field for *one* pair, with the same loss a network is trained with (the affine baseline,
+  12 numbers instead of a field, is :func:`gen3d_lessons.baselines.registration.register_affine`);
 - :func:`warp_labels` carries label maps (or tissue probabilities) through a displacement.
 
 Tensors are (B, C, D, H, W); displacements (B, 3, D, H, W) in voxels, on the fixed image's grid:
@@ -88,39 +88,6 @@ def register_iterative(moving: torch.Tensor, fixed: torch.Tensor, loss_fn: Regis
                        steps: int = 150, **options: Any) -> torch.Tensor:
     """The field after ``steps`` steps of :func:`iterative_path` (same options); returns u (B, 3, D, H, W)."""
     return iterative_path(moving, fixed, loss_fn, at_steps=(steps,), **options)[-1].displacement
-
-
-def register_affine(moving: torch.Tensor, fixed: torch.Tensor, *, similarity: str = "mse", steps: int = 100,
-                    lr: float = 0.01, blur_vox: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Optimise an affine map (B, 3, 4) about the grid centre; returns (matrix, displacement).
-
-    The 12 unknowns are ``A = I + dA`` and a translation measured in half grid widths (so that one
-    learning rate suits both). Both images are blurred by ``blur_vox`` first: a smoother cost has
-    fewer local minima for so few parameters.
-    """
-    shape = tuple(fixed.shape[2:])
-    n = len(shape)
-    loss_fn = RegistrationLoss(similarity=similarity, smoothness=0.0)
-    moving_s, fixed_s = (spatial.gaussian_blur(x, blur_vox) if blur_vox > 0 else x for x in (moving, fixed))
-    delta = torch.zeros(fixed.shape[0], n, n + 1, device=fixed.device, requires_grad=True)
-    half = torch.tensor([s / 2 for s in shape], device=fixed.device).view(1, n, 1)
-    optimizer = torch.optim.Adam([delta], lr=lr)
-
-    def matrix() -> torch.Tensor:
-        eye = torch.eye(n, n + 1, device=fixed.device).expand_as(delta)
-        scale = torch.cat([torch.ones(1, n, n, device=fixed.device), half], dim=2)   # (1, N, N+1)
-        return eye + delta * scale
-
-    with torch.enable_grad():
-        for _ in range(step_cap(steps)):                               # fewer in a dry run
-            u = spatial.affine_displacement(matrix(), shape)
-            loss = loss_fn(fixed_s, spatial.warp(moving_s, u), u)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    with torch.no_grad():
-        m = matrix()
-        return m, spatial.affine_displacement(m, shape)
 
 
 def warp_labels(labels: torch.Tensor, displacement: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:

@@ -6,8 +6,8 @@
 
 1. :class:`SegmenterConfig`, :func:`save_segmenter`, :func:`load_segmenter`: a trained network and
    the grid it expects, in one file (``data/models/brain_seg.pt`` by default);
-2. inference and scores on volumes already in memory: :func:`predict_labels`,
-   :func:`score_segmentation` (Dice, HD95, ASSD per class), :func:`keep_largest_component`;
+2. inference on volumes already in memory: :func:`predict_labels`, :func:`keep_largest_component`
+   (the scores are :func:`gen3d_lessons.metrics.segmentation.score_segmentation`);
 3. :func:`predict` reads any NIfTI file (any orientation, any voxel size), resamples it onto the
    grid the network was trained on (RAS axes, isotropic voxels), runs the network, and carries
    the class probabilities back to the input's grid before taking the most likely class, so the
@@ -141,14 +141,6 @@ def predict_labels(model: torch.nn.Module, images: torch.Tensor, device: Any = N
                       for i in range(0, len(images), batch_size)])
 
 
-def _box(*masks: np.ndarray, margin: int = 2) -> tuple[slice, ...]:
-    """The bounding box of everything non-zero in ``masks``, grown by ``margin`` voxels."""
-    ijk = np.argwhere(np.logical_or.reduce([m != 0 for m in masks]))
-    if len(ijk) == 0:
-        return tuple(slice(None) for _ in masks[0].shape)
-    return tuple(slice(max(int(lo) - margin, 0), int(hi) + margin + 1) for lo, hi in zip(ijk.min(0), ijk.max(0)))
-
-
 def keep_largest_component(labels: Any, classes: Any = None) -> np.ndarray:
     """Keep only the largest connected 3D piece of each class; the other pieces become background.
 
@@ -166,57 +158,6 @@ def keep_largest_component(labels: Any, classes: Any = None) -> np.ndarray:
             sizes = ndimage.sum(np.ones_like(pieces), pieces, range(1, n + 1))
             out[(pieces > 0) & (pieces != 1 + int(np.argmax(sizes)))] = 0
     return out
-
-
-def surface_distances(pred: np.ndarray, target: np.ndarray, spacing: Any = None) -> tuple[float, float]:
-    """HD95 and ASSD of two binary masks (*S), from one pass of MONAI's surface distances.
-
-    The same numbers as :func:`gen3d_lessons.metrics.hd95` and :func:`~gen3d_lessons.metrics.assd`
-    (and their conventions: NaN if both masks are empty, infinity if one is), for half the work:
-    both come from the distances of each boundary voxel to the other mask's boundary.
-    """
-    import warnings
-
-    from monai.metrics.utils import get_edge_surface_distance
-
-    p_any, t_any = bool(pred.any()), bool(target.any())
-    if not p_any and not t_any:
-        return math.nan, math.nan
-    if p_any != t_any:
-        return math.inf, math.inf
-    with warnings.catch_warnings():
-        # MONAI warns about a deprecated argument it passes itself
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        _, (d_pt, d_tp), _ = get_edge_surface_distance(torch.as_tensor(pred), torch.as_tensor(target), symmetric=True,
-                                                       spacing=None if spacing is None else list(spacing))
-    # HD95: the larger of the two directed 95th percentiles; ASSD: the mean over both directions
-    hd = max(float(torch.quantile(d.float(), 0.95)) if d.numel() else 0.0 for d in (d_pt, d_tp))
-    return hd, float(torch.cat([d_pt, d_tp]).float().mean())
-
-
-def score_segmentation(pred: Any, target: Any, labels: dict[str, int], spacing: Any = None) -> list[dict]:
-    """Dice, HD95 and ASSD (mm) of each named label: one row ``{"class", "Dice", "HD95", "ASSD"}`` per label.
-
-    ``pred`` and ``target`` are label maps (*S) of one volume; ``spacing`` the voxel size (mm,
-    one number or one per axis). Both maps are cut to the box around their non-zero voxels
-    first: the distances do not change, and the distance transforms get much cheaper when the
-    structure fills a small part of the volume (a heart in a chest).
-    """
-    from ..metrics import _label_map, _spacing, dice
-
-    pred, target = _label_map(pred, "pred"), _label_map(target, "target")
-    if pred.shape != target.shape:
-        raise ValueError(f"pred: shape {pred.shape} does not match target shape {target.shape}")
-    spacing = _spacing(spacing, pred.ndim)
-    box = _box(pred, target)
-    pred, target = pred[box], target[box]
-    overlap = dice(pred, target, labels=labels)
-    rows = []
-    for name, value in labels.items():
-        hd, mean_distance = surface_distances(pred == value, target == value, spacing)
-        rows.append({"class": name, "Dice": overlap[name], "HD95": hd, "ASSD": mean_distance})
-    return rows
 
 
 # 3. predict(): any NIfTI in, labels on the same grid out -------------------------------------------
@@ -463,13 +404,13 @@ def unseen_conditions(t1: torch.Tensor, lowdose: torch.Tensor | None = None,
 
 def domain_randomize(batch: dict, generator: torch.Generator, cfg: SynthConfig = SynthConfig(),
                      p_synthetic: float = 0.5, n_labels: int = 4) -> dict:
-    """A :class:`~gen3d_lessons.training.segmentation.CropBatches` transform: flip left-right, then
+    """A :class:`~gen3d_lessons.data.batches.CropBatches` transform: flip left-right, then
     replace a share ``p_synthetic`` of the batch by :func:`synthesize` images of the same labels.
 
     The real crops that remain are used as they are: normalise the whole volumes with
     :func:`normalize_intensity` *before* cropping, as :func:`predict` normalises a whole scan.
     """
-    from ..training.segmentation import random_flip
+    from ..data.batches import random_flip
 
     batch = random_flip(batch, generator)
     image, labels = batch["image"].clone(), batch["label"].clone()
@@ -501,8 +442,9 @@ def train_brain_segmenter(images: torch.Tensor, labels: torch.Tensor, spacing_mm
 
     from monai.losses import DiceCELoss
 
+    from ..data.batches import CropBatches
     from ..training import fit
-    from ..training.segmentation import CropBatches, one_cycle, seg_step
+    from ..training.segmentation import one_cycle, seg_step
 
     check_volume(images, "images", ndim=5)
     check_volume(labels, "labels", ndim=5)
@@ -521,6 +463,6 @@ def train_brain_segmenter(images: torch.Tensor, labels: torch.Tensor, spacing_mm
                           transform=partial(domain_randomize, cfg=synth, p_synthetic=p_synthetic,
                                             n_labels=unet.out_channels))
     step = partial(seg_step, model=model, optimizer=optimizer, scheduler=one_cycle(optimizer, max_steps),
-                   device=device, loss_fn=DiceCELoss(to_onehot_y=True, softmax=True, batch=True))
+                   loss_fn=DiceCELoss(to_onehot_y=True, softmax=True, batch=True))
     history = fit(step, batches, max_steps=max_steps, budget_s=budget_s, desc=desc)
     return model.eval(), cfg, history

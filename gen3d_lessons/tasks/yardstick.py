@@ -2,7 +2,7 @@
 
 How good is a set of generated brains? No single number says it, so every synthesis chapter
 prints the same columns, each answering one question, for its model *and* for reference rows
-measured in the same run:
+measured in the same run (each column is a function of :mod:`gen3d_lessons.metrics.generative`):
 
 ====================  ==============================================================  ============
 column                question                                                        space
@@ -28,8 +28,8 @@ Every chapter gets the same encoder: call ``load_or_train_encoder(ensure_dataset
 size=run.size)`` with the other arguments left at their defaults. The step cap ends its
 training (about 15–25 s on one CPU core at 32³), the clock only guards against a stuck
 machine, and a file lock makes two chapters that miss the cache at once train it once.
-:func:`memorisation_passed` is the pass/fail rule of the memorisation columns, and
-:func:`fd_probe` follows FD while a generator trains.
+:func:`~gen3d_lessons.metrics.generative.memorisation_passed` is the pass/fail rule of the
+memorisation columns, and :func:`fd_probe` follows FD while a generator trains.
 
 The reference rows (:func:`reference_rows`) say what the numbers mean on this cohort:
 
@@ -51,245 +51,29 @@ import hashlib
 import json
 import math
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy import linalg
 
 from ..data import data_root
+from ..data.batches import Batches
 from ..data.datasets import VolumeDataset, read_dataset
-from ..data.io import check_volume
-from ..metrics import _features, _sq_dists, mmd
+from ..metrics.checks import as_volumes
+from ..metrics.generative import frechet_distance, kid, memorisation, mmd, ms_ssim_diversity, one_nn_accuracy
 from ..models.encoder import Encoder3D, EncoderConfig
 from ..training import fit, load_model, save_model
+from ..training.encoder import encoder_step
 from ..profiles import step_cap
 
-__all__ = ["frechet_distance", "kid", "mmd", "one_nn_accuracy", "ms_ssim", "ms_ssim_diversity", "memorisation",
-           "data_version", "load_volumes", "encoder_step", "YardstickEncoder", "load_or_train_encoder",
-           "evaluate_samples", "mean_noise_baseline", "reference_rows", "table", "memorisation_passed", "fd_probe",
-           "RECIPE", "ENCODER_STEPS"]
+__all__ = ["data_version", "load_volumes", "YardstickEncoder", "load_or_train_encoder", "evaluate_samples",
+           "mean_noise_baseline", "reference_rows", "table", "fd_probe", "RECIPE", "ENCODER_STEPS"]
 
 
-# 1. Distances between two sets of features (N, F) and (M, F) ---------------------------------
-
-def _pair(feats_a: Any, feats_b: Any) -> tuple[np.ndarray, np.ndarray]:
-    a, b = _features(feats_a, "feats_a"), _features(feats_b, "feats_b")   # (N, F), (M, F) float64
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"feats_b: {b.shape[1]} features per sample do not match feats_a's {a.shape[1]}")
-    return a, b
-
-
-def frechet_distance(feats_a: Any, feats_b: Any, eps: float = 1e-6) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (FID's formula, our encoder).
-
-    ``FD = ||mu_a − mu_b||² + Tr(S_a + S_b − 2 (S_a S_b)^{1/2})`` (Heusel et al. 2017), with
-    ``mu`` the feature means and ``S`` the sample covariances. 0 for identical sets.
-
-    With fewer samples than features the covariances are singular; ``scipy.linalg.sqrtm`` then
-    returns a matrix with tiny imaginary parts (rounding), which are dropped. If the square root
-    is not finite, or its imaginary part is not tiny, ``eps · I`` is added to both covariances
-    and it is taken again. FD is biased upwards by small samples: compare rows that use the
-    same numbers of samples.
-    """
-    a, b = _pair(feats_a, feats_b)
-    mu_a, mu_b = a.mean(0), b.mean(0)                                   # (F,)
-    s_a = np.atleast_2d(np.cov(a, rowvar=False))                        # (F, F)
-    s_b = np.atleast_2d(np.cov(b, rowvar=False))
-
-    def sqrt_product(s1: np.ndarray, s2: np.ndarray) -> np.ndarray | None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")     # "matrix is singular": handled below
-            root = linalg.sqrtm(s1 @ s2)
-        if not np.isfinite(root).all():
-            return None
-        if np.iscomplexobj(root):
-            scale = max(1.0, float(np.abs(root).max()))
-            if np.abs(root.imag).max() > 1e-3 * scale:
-                return None
-            root = root.real
-        return root
-
-    root = sqrt_product(s_a, s_b)
-    if root is None:                                   # regularise the singular covariances
-        offset = eps * np.eye(len(s_a))
-        root = sqrt_product(s_a + offset, s_b + offset)
-        if root is None:
-            raise FloatingPointError("frechet_distance: the covariance square root is not finite even with "
-                                     f"eps={eps}; pass a larger eps")
-    diff = mu_a - mu_b
-    return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(root))
-
-
-def _mmd2_unbiased(k_aa: np.ndarray, k_bb: np.ndarray, k_ab: np.ndarray) -> float:
-    """Unbiased MMD² from the three kernel matrices (diagonals of the within-set ones dropped)."""
-    n, m = len(k_aa), len(k_bb)
-    return float((k_aa.sum() - np.trace(k_aa)) / (n * (n - 1)) + (k_bb.sum() - np.trace(k_bb)) / (m * (m - 1))
-                 - 2.0 * k_ab.mean())
-
-
-def kid(feats_a: Any, feats_b: Any, subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
-    """Kernel distance (KID, Bińkowski et al. 2018): mean and std of unbiased MMD² over subsets.
-
-    The kernel is the cubic polynomial ``k(x, y) = (xᵀy / F + 1)³``. Each of ``subsets`` rounds
-    draws ``min(subset_size, N, M)`` samples from each set without replacement and computes the
-    unbiased MMD² (so KID is about 0, possibly slightly negative, for one distribution, whatever
-    the sample size: unlike FD it has no small-sample bias). Returns ``(mean, std)``.
-    """
-    a, b = _pair(feats_a, feats_b)
-    if not (isinstance(subsets, int) and subsets >= 1 and isinstance(subset_size, int) and subset_size >= 2):
-        raise ValueError(f"subsets >= 1 and subset_size >= 2 must be integers, got {subsets!r}, {subset_size!r}")
-    f = a.shape[1]
-    size = min(subset_size, len(a), len(b))
-    rng = np.random.default_rng(seed)
-
-    def k(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return (x @ y.T / f + 1.0) ** 3
-
-    values = []
-    for _ in range(subsets):
-        x = a[rng.choice(len(a), size, replace=False)]
-        y = b[rng.choice(len(b), size, replace=False)]
-        values.append(_mmd2_unbiased(k(x, x), k(y, y), k(x, y)))
-    return float(np.mean(values)), float(np.std(values))
-
-
-def one_nn_accuracy(feats_a: Any, feats_b: Any) -> float:
-    """Leave-one-out 1-nearest-neighbour two-sample test (Lopez-Paz & Oquab 2017).
-
-    Pool both sets, label each point by its set, and classify every point by the label of its
-    nearest *other* point (Euclidean). Returns the balanced accuracy (mean of the two sets'
-    accuracies), which equals plain accuracy when N = M and stays near 0.5 for one distribution
-    when the sets differ in size. 0.5: indistinguishable; 1.0: separable; **below 0.5**: samples
-    sit on top of reals, the signature of copies (each copy's neighbour is its original).
-    """
-    a, b = _pair(feats_a, feats_b)
-    x = np.concatenate([a, b])                                         # (N + M, F)
-    label = np.r_[np.zeros(len(a), bool), np.ones(len(b), bool)]
-    d2 = _sq_dists(x, x)
-    np.fill_diagonal(d2, np.inf)                                       # leave one out
-    correct = label[d2.argmin(1)] == label
-    return float(0.5 * (correct[~label].mean() + correct[label].mean()))
-
-
-# 2. Voxel-space statistics: diversity and memorisation ----------------------------------------
-
-# The first three of Wang et al.'s (2003) five MS-SSIM scale weights, renormalised: at 32³ there
-# is room for three scales (32³, 16³, 8³), not five.
-MS_SSIM_WEIGHTS = tuple(w / (0.0448 + 0.2856 + 0.3001) for w in (0.0448, 0.2856, 0.3001))
-
-
-def _ms_ssim_kernel(edge: int) -> int:
-    """The largest Gaussian window (5 or 3) that MONAI accepts for three scales at this edge.
-
-    MONAI requires ``edge // (len(weights) − 1)² > kernel_size − 1``, i.e. ``edge // 4 >= k``.
-    """
-    for k in (5, 3):
-        if edge // (len(MS_SSIM_WEIGHTS) - 1) ** 2 > k - 1:
-            return k
-    raise ValueError(f"volumes: an edge of {edge} voxels is too small for 3-scale MS-SSIM (need >= 12)")
-
-
-def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float) -> torch.Tensor:
-    """MS-SSIM of each pair ``(x[i], y[i])`` with MONAI, 3 scales, window 5 (3 below 20³): (B,).
-
-    ``x`` and ``y`` are (B, C, D, H, W) with the same shape; 1 for identical volumes.
-    """
-    from monai.metrics.regression import compute_ms_ssim
-
-    if x.shape != y.shape or x.ndim != 5:
-        raise ValueError(f"x, y: expected two (B, C, D, H, W) tensors of one shape, got {tuple(x.shape)} and "
-                         f"{tuple(y.shape)}")
-    k = _ms_ssim_kernel(min(x.shape[2:]))
-    return compute_ms_ssim(x.float(), y.float(), spatial_dims=3, data_range=float(data_range), kernel_size=k,
-                           kernel_sigma=1.5 if k == 5 else 1.0, weights=MS_SSIM_WEIGHTS)[:, 0]
-
-
-def ms_ssim_diversity(volumes: Any, data_range: float, max_pairs: int = 100, seed: int = 0,
-                      batch_size: int = 25) -> float:
-    """Mean MS-SSIM over random pairs of distinct volumes of one set (Odena et al. 2017).
-
-    Lower means more diverse. Alone it means little: compare with the same statistic on real
-    volumes. Samples much *more* alike than real pairs are a sign of mode collapse; mean + noise
-    samples are alike in their anatomy and differ only in noise. ``data_range`` must be the same
-    for every set compared (e.g. the training volumes' max − min). Uses all pairs if there are at
-    most ``max_pairs``, else ``max_pairs`` random ones.
-    """
-    v = _volumes(volumes, "volumes")
-    n = len(v)
-    if n < 2:
-        raise ValueError(f"volumes: need at least 2 volumes for pairs, got {n}")
-    i, j = np.triu_indices(n, k=1)
-    if len(i) > max_pairs:
-        pick = np.random.default_rng(seed).choice(len(i), max_pairs, replace=False)
-        i, j = i[pick], j[pick]
-    values = [ms_ssim(v[i[s:s + batch_size]], v[j[s:s + batch_size]], data_range)
-              for s in range(0, len(i), batch_size)]
-    return float(torch.cat(values).mean())
-
-
-def memorisation(samples: Any, train: Any, heldout: Any) -> dict[str, float]:
-    """Are samples closer to the training set than to new real volumes? (voxel space)
-
-    For every sample ``s``: ``a(s)``, its distance to the nearest training volume, and ``b(s)``,
-    its distance to the nearest held-out real volume; ``q(s) = a(s) / b(s)``. A copy of a
-    training volume has ``q = 0``. A new brain, however good or bad, is about as near the
-    training set as it is near other new brains. The same ``q`` for every held-out real volume
-    (with ``b`` its distance to the nearest *other* held-out volume; a sample identical to a
-    held-out volume is treated the same way) calibrates what "as near" means with these set
-    sizes. Distances are RMS differences over voxels divided by the standard deviation of the
-    training voxels (0: an exact copy; about 1.4: two unrelated images of the same contrast).
-    Returns:
-
-    - ``mem_ratio = median q(samples) / median q(held-out)``: about 1 when samples are no nearer
-      the training set than new brains are, well below 1 for a generator that reproduces training
-      volumes, 0 for copies.
-    - ``mem_frac``: the fraction of samples that look copied, with ``q`` below half the median
-      ``q`` of the held-out volumes: at least twice as near a training volume, relative to other
-      new brains, as a typical new brain is (about 0 for held-out volumes, 1 for copies).
-    - ``mem_median``: ``median a(samples)``, and ``mem_median_heldout``: ``median a(held-out)``.
-
-    Why the ratio to the distance to held-out volumes, and not ``a`` alone: a blurry sample (the
-    average brain, say) is close in voxel space to *every* brain, training or not; measured by
-    ``a`` alone it would look like memorisation. Voxel space, not feature space, because a copy
-    is a copy voxel by voxel, whereas the encoder could map two different brains onto nearby
-    features; the cost is that a copy shifted by a voxel no longer looks close. Inputs may also
-    be feature arrays (N, F). Needs at least 2 held-out volumes.
-    """
-    s, t, h = (_features(a, name) for a, name in ((samples, "samples"), (train, "train"), (heldout, "heldout")))
-    if not s.shape[1] == t.shape[1] == h.shape[1]:
-        raise ValueError(f"samples, train, heldout: need the same number of voxels per volume, got "
-                         f"{s.shape[1]}, {t.shape[1]}, {h.shape[1]}")
-    scale = float(t.std()) * math.sqrt(t.shape[1])                     # ||x - y|| -> RMS in units of std
-    if scale == 0:
-        raise ValueError("train: all training voxels are equal, distances cannot be normalised")
-
-    def nearest_other(d2: np.ndarray) -> np.ndarray:                   # nearest non-identical volume
-        d2 = np.where(d2 <= 1e-12 * scale ** 2, np.inf, d2)
-        return np.sqrt(d2.min(1)) / scale
-
-    a_s = np.sqrt(_sq_dists(s, t).min(1)) / scale                       # (N,) to the nearest training volume
-    a_h = np.sqrt(_sq_dists(h, t).min(1)) / scale                       # (M,)
-    b_s, b_h = nearest_other(_sq_dists(s, h)), nearest_other(_sq_dists(h, h))   # to the nearest held-out one
-    q_s, q_h = a_s / np.maximum(b_s, 1e-12), a_h / np.maximum(b_h, 1e-12)
-    return {"mem_ratio": float(np.median(q_s) / max(np.median(q_h), 1e-12)),
-            "mem_frac": float((q_s < 0.5 * np.median(q_h)).mean()),
-            "mem_median": float(np.median(a_s)), "mem_median_heldout": float(np.median(a_h))}
-
-
-# 3. The encoder: data version, training, cache -----------------------------------------------
-
-def _volumes(x: Any, name: str, shape: Sequence[int | None] | None = None) -> torch.Tensor:
-    """A checked float32 CPU tensor (N, C, D, H, W)."""
-    check_volume(x, name, ndim=5, shape=shape)
-    x = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-    return x.float()
-
+# 1. The encoder: data version, training, cache -----------------------------------------------
 
 def data_version(folder: str | Path, size: int, channels: Sequence[str | int]) -> dict[str, Any]:
     """What the encoder was trained on: dataset folder name, manifest hash, size and channels.
@@ -336,65 +120,6 @@ RECIPE = {"augment": {"flip_lr": 0.5, "shift_voxels": 2, "gain": 0.1}, "weight_d
 ENCODER_STEPS = 1500          # the default step cap: the number that ends training, on any machine
 
 
-class _ShuffledBatches:
-    """Batches of a dict of tensors in a seeded random order, a fresh order each pass.
-
-    Augmentations that change none of the targets: each volume is mirrored along its first
-    spatial axis (left-right in the phantoms) with probability ``flip_lr``, shifted by up to
-    ``shift_voxels`` voxels along each axis (a circular shift: the phantoms have an empty
-    border), and its intensities scaled by a gain in ``1 ± gain``.
-    """
-
-    def __init__(self, data: Mapping[str, torch.Tensor], batch_size: int, seed: int,
-                 flip_lr: float = 0.5, shift_voxels: int = 0, gain: float = 0.0):
-        self.data, self.batch_size = data, min(batch_size, len(data["image"]))
-        self.flip_lr, self.shift, self.gain = flip_lr, int(shift_voxels), gain
-        self.g = torch.Generator().manual_seed(seed)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        n = len(self.data["image"])
-        order = torch.randperm(n, generator=self.g)
-        for s in range(0, n - self.batch_size + 1, self.batch_size):       # drop the last partial batch
-            idx = order[s:s + self.batch_size]
-            batch = {k: v[idx] for k, v in self.data.items()}
-            x, b = batch["image"], len(idx)                                   # (B, C, D, H, W)
-            flip = torch.rand(b, generator=self.g) < self.flip_lr             # (B,)
-            x = torch.where(flip[:, None, None, None, None], x.flip(2), x)
-            if self.shift:
-                shifts = torch.randint(-self.shift, self.shift + 1, (b, 3), generator=self.g).tolist()
-                x = torch.stack([torch.roll(x[k], tuple(shifts[k]), dims=(1, 2, 3)) for k in range(b)])
-            if self.gain:
-                x = x * (1 + self.gain * (2 * torch.rand(b, 1, 1, 1, 1, generator=self.g) - 1))
-            batch["image"] = x
-            yield batch
-
-
-def encoder_step(model: Encoder3D, optimizer: torch.optim.Optimizer,
-                 batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """One multi-task step: age, volumes (MSE on standardised values), site (CE), lesion (BCE).
-
-    The four losses are summed with weight 1: with standardised regression targets each starts
-    near 1, like the classification losses.
-    """
-    device = next(model.parameters()).device
-    # 1. data
-    b = {k: v.to(device) for k, v in batch.items()}
-    # 2. forward: every head from the same features
-    model.train()
-    out = model(b["image"])
-    # 3. one loss per task
-    losses = {"age": F.mse_loss(out["age"], b["age"]),
-              "site": F.cross_entropy(out["site"], b["site"]),
-              "lesion": F.binary_cross_entropy_with_logits(out["lesion"], b["lesion"]),
-              "volumes": F.mse_loss(out["volumes"], b["volumes"])}
-    loss = sum(losses.values())
-    # 4. update
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
-
-
 @dataclass
 class YardstickEncoder:
     """A trained, frozen :class:`Encoder3D` with what it was trained on and how well it did.
@@ -418,7 +143,7 @@ class YardstickEncoder:
     def features(self, volumes: Any, batch_size: int = 16) -> np.ndarray:
         """Features (N, F) of volumes (N, C, size, size, size) in the dataset's intensity units."""
         s = self.config.size
-        x = _volumes(volumes, "volumes", shape=(None, self.config.in_channels, s, s, s))
+        x = as_volumes(volumes, "volumes", shape=(None, self.config.in_channels, s, s, s))
         self.model.eval()
         out = [self.model.features(x[i:i + batch_size].to(self.device)).cpu() for i in range(0, len(x), batch_size)]
         return torch.cat(out).double().numpy()
@@ -427,7 +152,7 @@ class YardstickEncoder:
     def predict(self, volumes: Any) -> dict[str, np.ndarray]:
         """The heads' predictions in natural units: age (years), site, lesion probability, volumes (ml)."""
         s = self.config.size
-        x = _volumes(volumes, "volumes", shape=(None, self.config.in_channels, s, s, s)).to(self.device)
+        x = as_volumes(volumes, "volumes", shape=(None, self.config.in_channels, s, s, s)).to(self.device)
         self.model.eval()
         out = self.model(x)
         t = self.targets
@@ -542,9 +267,11 @@ def _train_encoder(folder: Path, path: Path, version: Mapping[str, Any], setting
     torch.manual_seed(seed)
     model = Encoder3D(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=RECIPE["weight_decay"])
-    loader = _ShuffledBatches(_standardise(train_raw, targets), batch_size, seed, **RECIPE["augment"])
+    augment = RECIPE["augment"]
+    loader = Batches(_standardise(train_raw, targets), batch_size, seed, augment=("image",),
+                     flip_p=augment["flip_lr"], shift=augment["shift_voxels"], gain=augment["gain"])
     t0 = time.perf_counter()
-    history = fit(lambda batch, i: encoder_step(model, optimizer, batch), loader, max_steps=max_steps,
+    history = fit(partial(encoder_step, model=model, optimizer=optimizer), loader, max_steps=max_steps,
                   budget_s=budget_s, desc="yardstick encoder")
     training = {**settings, "steps": history.steps, "seconds": round(time.perf_counter() - t0, 2),
                 "stopped_by": history.stopped_by, "final_loss": history.mean_last("loss", 20)}
@@ -557,7 +284,7 @@ def _train_encoder(folder: Path, path: Path, version: Mapping[str, Any], setting
     return enc
 
 
-# 4. One entry point, and the reference rows --------------------------------------------------
+# 2. One entry point, and the reference rows --------------------------------------------------
 
 def evaluate_samples(samples: Any, *, reference: Any, train: Any, heldout: Any, encoder: YardstickEncoder,
                      seed: int = 0, kid_subsets: int = 100, ms_ssim_pairs: int = 100,
@@ -584,7 +311,7 @@ def evaluate_samples(samples: Any, *, reference: Any, train: Any, heldout: Any, 
     """
     s = encoder.config.size
     shape = (None, encoder.config.in_channels, s, s, s)
-    x, ref, tr, ho = (_volumes(v, name, shape) for v, name in
+    x, ref, tr, ho = (as_volumes(v, name, shape) for v, name in
                       ((samples, "samples"), (reference, "reference"), (train, "train"), (heldout, "heldout")))
     size = len(x) if set_size is None else int(set_size)
     if not 2 <= size <= len(x):
@@ -616,7 +343,7 @@ def mean_noise_baseline(train: Any, n: int, rng: np.random.Generator | int = 0) 
     is independent between voxels: every voxel's distribution has the right first two moments,
     but there is no anatomy — the trivial baseline a generator must beat.
     """
-    t = _volumes(train, "train")
+    t = as_volumes(train, "train")
     rng = np.random.default_rng(rng)
     mu, sd = t.mean(0), t.std(0)                                             # (C, D, H, W)
     eps = torch.from_numpy(rng.standard_normal((n, *mu.shape)).astype(np.float32))
@@ -631,7 +358,7 @@ def reference_rows(train: Any, heldout: Any, encoder: YardstickEncoder,
     ``"copy of training"`` (``len(heldout)`` training volumes drawn without replacement).
     """
     rng = np.random.default_rng(rng)
-    tr, ho = _volumes(train, "train"), _volumes(heldout, "heldout")
+    tr, ho = as_volumes(train, "train"), as_volumes(heldout, "heldout")
     n = len(ho)
     if n > len(tr):
         raise ValueError(f"heldout: {n} volumes but only {len(tr)} training volumes to copy")
@@ -646,17 +373,6 @@ def reference_rows(train: Any, heldout: Any, encoder: YardstickEncoder,
                                      ms_ssim_real=real)
         real = out[name]["ms_ssim_real"]
     return out
-
-
-def memorisation_passed(row: Mapping[str, float], max_frac: float = 0.2, min_ratio: float = 0.8) -> bool:
-    """The memorisation check of one row of the table: does the set look like *new* brains?
-
-    It passes when at most ``max_frac`` of the samples look copied (``mem_frac``) and the samples
-    are, in the median, at least ``min_ratio`` times as far from the training set (relative to
-    new brains) as held-out brains are (``mem_ratio``); see :func:`memorisation`. Held-out real
-    brains pass (``mem_ratio`` is 1 by construction); copies of training volumes fail (1 and 0).
-    """
-    return bool(row["mem_frac"] <= max_frac and row["mem_ratio"] >= min_ratio)
 
 
 def fd_probe(encoder: YardstickEncoder, reference: Any, n: int, seed: int = 0,

@@ -5,8 +5,10 @@ degraded volume under ``inputs`` (default ``"lowdose"``) and the full-dose refer
 ``target`` (default ``"image"``), both ``(B, C, D, H, W)``. Bind the models and optimizers
 with :func:`functools.partial` and hand the result to :func:`~gen3d_lessons.training.fit`::
 
-    step = partial(mse_step, model=red, opt=opt, device=run.device)
+    step = partial(mse_step, model=red, optimizer=opt, scheduler=scheduler)
     history = fit(step, loader, max_steps=run.max_steps, budget_s=run.budget_s)
+
+Both read the device from the model: the batch is moved to it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import gradient_penalty
+from ..losses import discriminator_loss, generator_loss, gradient_penalty
 
 PAIR_KEYS = ("lowdose", "image", "label")
 
@@ -58,13 +60,13 @@ def augment(item: Mapping[str, Any], patch: int | None = None, keys: tuple[str, 
 
 # 2. The denoising autoencoder objective ---------------------------------------------------------
 
-def mse_step(batch: Mapping[str, Any], i: int, *, model: nn.Module, opt: torch.optim.Optimizer,
-             sched: Any = None, device: torch.device | str = "cpu", inputs: str = "lowdose",
-             target: str = "image") -> dict[str, float]:
+def mse_step(batch: Mapping[str, Any], i: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: Any = None, inputs: str = "lowdose", target: str = "image") -> dict[str, float]:
     """One step of the denoising autoencoder objective (survey Eq. 9): ``E ||y − G(x)||²``.
 
-    ``sched`` is an optional learning-rate scheduler, stepped once per step.
+    ``scheduler`` is an optional learning-rate scheduler, stepped once per step.
     """
+    device = next(model.parameters()).device
     x, y = batch[inputs].to(device), batch[target].to(device)   # (B, C, D, H, W) low dose, full dose
     model.train()
     # 1. denoise
@@ -72,22 +74,23 @@ def mse_step(batch: Mapping[str, Any], i: int, *, model: nn.Module, opt: torch.o
     # 2. voxel-wise squared error against the full-dose volume
     loss = F.mse_loss(y_hat, y[:, : y_hat.shape[1]])
     # 3. update
-    opt.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    opt.step()
-    if sched is not None:
-        sched.step()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
     return {"mse": loss.item()}
 
 
 # 3. RED-WGAN: the same objective plus a Wasserstein critic ------------------------------------
 
-def red_wgan_step(batch: Mapping[str, Any], i: int, *, generator: nn.Module, critic: nn.Module,
-                  opt_g: torch.optim.Optimizer, opt_c: torch.optim.Optimizer, device: torch.device | str = "cpu",
-                  lambda_adv: float = 1e-3, lambda_gp: float = 10.0, n_critic: int = 1, critic_warmup: int = 0,
-                  inputs: str = "lowdose", target: str = "image") -> dict[str, float]:
-    """One RED-WGAN step (Ran et al. 2019): a WGAN-GP critic update, then every ``n_critic``
-    steps a generator update with ``MSE + lambda_adv · (−D(G(x)))``.
+def red_wgan_step(batch: Mapping[str, Any], i: int, *, generator: nn.Module, discriminator: nn.Module,
+                  opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, adv_weight: float = 1e-3,
+                  gp_weight: float = 10.0, n_critic: int = 1, critic_warmup: int = 0, inputs: str = "lowdose",
+                  target: str = "image") -> dict[str, float]:
+    """One RED-WGAN step (Ran et al. 2019): a WGAN-GP critic update (``discriminator`` is the
+    critic, ``gp_weight`` weighs its gradient penalty), then every ``n_critic`` steps a generator
+    update with ``MSE + adv_weight · (−D(G(x)))``.
 
     During the first ``critic_warmup`` steps only the critic learns: a generator that starts
     from MSE-trained weights would otherwise follow the gradients of a critic that still
@@ -97,6 +100,8 @@ def red_wgan_step(batch: Mapping[str, Any], i: int, *, generator: nn.Module, cri
     it judges whether a volume *looks* full-dose. The MSE term keeps the output tied to this
     subject's anatomy; the adversarial term pulls it towards full-dose texture.
     """
+    critic = discriminator
+    device = next(generator.parameters()).device
     x, y = batch[inputs].to(device), batch[target].to(device)   # (B, C, D, H, W)
     generator.train(), critic.train()
     update_g = i >= critic_warmup and (i - critic_warmup) % n_critic == 0
@@ -106,19 +111,19 @@ def red_wgan_step(batch: Mapping[str, Any], i: int, *, generator: nn.Module, cri
     y = y[:, : y_hat.shape[1]]
     # 1. critic: maximise D(real) − D(fake), i.e. minimise its negative, plus the gradient penalty
     fake = y_hat.detach()
-    w_dist = critic(y).mean() - critic(fake).mean()             # estimate of the Wasserstein-1 distance
+    d_loss = discriminator_loss(critic(y), critic(fake), "wgan")   # −(estimate of the Wasserstein-1 distance)
     gp = gradient_penalty(critic, y, fake)
-    opt_c.zero_grad(set_to_none=True)
-    (-w_dist + lambda_gp * gp).backward()
-    opt_c.step()
-    out = {"w_dist": w_dist.item(), "gp": gp.item()}
+    opt_d.zero_grad(set_to_none=True)
+    (d_loss + gp_weight * gp).backward()
+    opt_d.step()
+    out = {"w_dist": -d_loss.item(), "gp": gp.item()}
     # 2. generator: stay close to the reference (MSE) and fool the critic (adversarial term)
     if update_g:
         critic.requires_grad_(False)                            # no critic gradients needed here
         mse = F.mse_loss(y_hat, y)
-        adv = -critic(y_hat).mean()
+        adv = generator_loss(critic(y_hat), "wgan")               # −E[D(G(x))]
         opt_g.zero_grad(set_to_none=True)
-        (mse + lambda_adv * adv).backward()
+        (mse + adv_weight * adv).backward()
         opt_g.step()
         critic.requires_grad_(True)
         out.update(mse=mse.item(), adv=adv.item())

@@ -1,8 +1,9 @@
 """The step function of the diffusion family (chapter 5): one optimizer step on ``L_simple``.
 
-:func:`~gen3d_lessons.training.fit` calls it through a lambda::
+Bind the network, its schedule and optimizer with :func:`functools.partial` and hand the result
+to :func:`~gen3d_lessons.training.fit`; ``ema`` comes from :func:`~gen3d_lessons.training.ema.ema_of`::
 
-    fit(lambda batch, i: diffusion_step(model, schedule, opt, batch, ema=ema), loader, max_steps=...)
+    fit(partial(diffusion_step, model=net, schedule=schedule, optimizer=opt, ema=ema), loader, max_steps=...)
 
 A batch is ``x_0`` itself — volumes ``(B, C, D, H, W)`` or latent vectors ``(B, Z)`` —, a one-element
 list holding it (as a ``DataLoader`` over a ``TensorDataset`` yields), or a dict holding it under
@@ -31,15 +32,15 @@ def _x0(batch: Any, key: str, device: torch.device) -> torch.Tensor:
     return x0.to(device)
 
 
-def diffusion_step(model: nn.Module, schedule: NoiseSchedule, optimizer: torch.optim.Optimizer, batch: Any,
-                   ema: AveragedModel | None = None, key: str = "image", clip_grad: float | None = 1.0
-                   ) -> dict[str, float]:
+def diffusion_step(batch: Any, i: int, *, model: nn.Module, schedule: NoiseSchedule,
+                   optimizer: torch.optim.Optimizer, ema: AveragedModel | None = None, key: str = "image",
+                   clip_grad: float | None = 1.0) -> dict[str, float]:
     """One step on ``L_simple = || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||²``.
 
     Ho et al. (2020) Eq. 14: the variational bound of Eq. 10 with its per-step weights dropped,
-    which trains better. ``ema`` (an ``AveragedModel`` of ``model``) is updated after the step;
-    sample with ``ema.module``: an exponential moving average of the weights gives smoother
-    samples than the last, noisy iterate. ``clip_grad`` caps the gradient norm.
+    which trains better. ``ema`` (:func:`~gen3d_lessons.training.ema.ema_of` of ``model``) is
+    updated after the step; sample with ``ema.module``: an exponential moving average of the
+    weights gives smoother samples than the last, noisy iterate. ``clip_grad`` caps the gradient norm.
     """
     device = next(model.parameters()).device
     # 1. data x_0, a random step t ~ U{0..T-1} and noise eps ~ N(0, I) per sample
@@ -62,13 +63,4 @@ def diffusion_step(model: nn.Module, schedule: NoiseSchedule, optimizer: torch.o
     return {"loss": loss.item()}
 
 
-def ema_of(model: nn.Module, decay: float = 0.999) -> AveragedModel:
-    """An exponential moving average of ``model``'s weights: ``w_ema <- decay w_ema + (1 - decay) w``."""
-    from torch.optim.swa_utils import get_ema_multi_avg_fn
-
-    if not 0.0 < decay < 1.0:
-        raise ValueError(f"decay: expected a value in (0, 1), got {decay!r}")
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
-
-
-__all__ = ["diffusion_step", "ema_of"]
+__all__ = ["diffusion_step"]

@@ -1,13 +1,16 @@
 """One training loop for every model in the book, and the files it leaves behind.
 
-The loop knows no model. Each family brings a *step function* that owns its networks and
-optimizers (a GAN has two) and returns what it measured::
+The loop knows no model. Each family brings a *step function* with one signature,
+``step(batch, i, *, <networks>, <optimizers>, <options>) -> dict[str, float]``: it takes one
+optimizer step (a GAN's takes two, ``opt_g`` and ``opt_d``) and returns what it measured.
+The chapter binds the networks by name with :func:`functools.partial`::
 
-    def vae_step(batch, i):
+    def vae_step(batch, i, *, model, optimizer, beta=1.0):
         ...                                  # forward, loss, backward, optimizer.step()
         return {"loss": loss.item(), "kl": kl.item()}
 
-    history = fit(vae_step, loader, max_steps=run.max_steps, budget_s=run.budget_s)
+    step = partial(vae_step, model=vae, optimizer=opt)
+    history = fit(step, loader, max_steps=run.max_steps, budget_s=run.budget_s)
 
 ``fit`` stops at ``max_steps``, and only there: the same chapter on a fast machine and on a
 slow one trains the same number of steps and prints the same numbers. ``budget_s`` is a *fuse*,

@@ -1,7 +1,7 @@
 """Step functions of the GAN family (chapter 3 and the chapters that reuse its pieces).
 
-The adversarial losses are written as pure functions of the discriminator's scores, each to be
-*minimised*:
+The adversarial losses (in :mod:`gen3d_lessons.losses`) are pure functions of the discriminator's
+scores, each to be *minimised*:
 
 - ``"ns"``, the **non-saturating** GAN (survey Eq. 1, Goodfellow et al. 2014). With
   ``σ`` the logistic function, the discriminator minimises ``−log σ(D(x)) − log(1 − σ(D(G(z))))``,
@@ -17,10 +17,13 @@ The adversarial losses are written as pure functions of the discriminator's scor
 A condition ``c`` (survey Eq. 2) goes to both networks: ``D(x, c)``, ``G(z, c)``.
 
 :func:`gan_step` trains Eq. 1, 2 and 5; :func:`pix2pix_step` Eq. 3; :func:`cyclegan_step` Eq. 4.
-Each owns its two optimizers and returns what it measured; :func:`~gen3d_lessons.training.fit`
-calls it::
+Each owns its two optimizers and returns what it measured; bind the networks and optimizers with
+:func:`functools.partial` and hand it to :func:`~gen3d_lessons.training.fit`::
 
-    fit(lambda batch, i: gan_step(G, D, opt_g, opt_d, batch, i, loss="wgan-gp"), batches, max_steps=...)
+    step = partial(gan_step, generator=G, discriminator=D, opt_g=opt_g, opt_d=opt_d, loss="wgan-gp")
+    history = fit(step, batches, max_steps=...)
+
+:func:`train_gan` does that for chapter 3's recipe (Adam, an EMA generator, a probe).
 
 A batch is a dict with ``"image"`` (B, C, D, H, W) and, for a conditional GAN, ``"condition"``
 (B, K); pix2pix and CycleGAN batches hold ``"x"`` and ``"y"``.
@@ -29,129 +32,44 @@ A batch is a dict with ``"image"`` (B, C, D, H, W) and, for a conditional GAN, `
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterator, Mapping
+from functools import partial
+from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..losses import cycle_consistency_loss, discriminator_loss, generator_loss, gradient_penalty, l1_loss
 from ..profiles import step_cap
-from ..losses import gradient_penalty
+from .batch import batch_tensor
+from .ema import ema_update
 from .fit import History, fit
 
-__all__ = ["LOSSES", "discriminator_loss", "generator_loss", "cycle_consistency_loss", "gan_step", "pix2pix_step",
-           "cyclegan_step", "ema_update", "VolumeBatches", "train_gan"]
+__all__ = ["LOSSES", "gan_step", "pix2pix_step", "cyclegan_step", "train_gan"]
 
-LOSSES = ("ns", "wgan-gp")
-
-
-# 1. The adversarial losses ---------------------------------------------------------------------
-
-def discriminator_loss(real_score: torch.Tensor, fake_score: torch.Tensor, kind: str) -> torch.Tensor:
-    """What D minimises, from its scores on real and generated volumes (any shape, averaged)."""
-    if kind == "ns":      # −log σ(D(x)) − log(1 − σ(D(G(z)))): Eq. 1, maximised by D, with its sign flipped
-        return F.softplus(-real_score).mean() + F.softplus(fake_score).mean()
-    if kind in ("wgan", "wgan-gp"):      # E[D(G(z))] − E[D(x)]: Eq. 5 without its penalty
-        return fake_score.mean() - real_score.mean()
-    raise ValueError(f"kind: expected 'ns' or 'wgan-gp', got {kind!r}")
+LOSSES = ("ns", "wgan-gp")          # the losses gan_step trains (see gen3d_lessons.losses)
 
 
-def generator_loss(fake_score: torch.Tensor, kind: str) -> torch.Tensor:
-    """What G minimises, from D's scores on its volumes: ``−log σ(D(G(z)))`` or ``−E[D(G(z))]``."""
-    if kind == "ns":
-        return F.softplus(-fake_score).mean()
-    if kind in ("wgan", "wgan-gp"):
-        return -fake_score.mean()
-    raise ValueError(f"kind: expected 'ns' or 'wgan-gp', got {kind!r}")
+# 1. The step functions -------------------------------------------------------------------------
 
-
-def cycle_consistency_loss(x: torch.Tensor, x_cycled: torch.Tensor) -> torch.Tensor:
-    """CycleGAN's ``L_cyc`` for one direction: ``E ||F(G(x)) − x||₁`` (mean absolute difference)."""
-    if x.shape != x_cycled.shape:
-        raise ValueError(f"x_cycled: shape {tuple(x_cycled.shape)} does not match x {tuple(x.shape)}")
-    return (x_cycled - x).abs().mean()
-
-
-# 2. Helpers: batches, EMA ----------------------------------------------------------------------
-
-def _batch_tensor(batch: Mapping[str, Any], key: str, device: torch.device) -> torch.Tensor:
-    if not isinstance(batch, Mapping) or key not in batch:
-        raise ValueError(f"batch: expected a dict with a {key!r} tensor, got "
-                         f"{sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__}")
-    x = batch[key]
-    if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x) or x.ndim < 2:
-        raise ValueError(f"batch[{key!r}]: expected a float tensor (B, ...), got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
-    return x.to(device)
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """``θ_ema ← decay · θ_ema + (1 − decay) · θ`` for every parameter; buffers (BatchNorm
-    statistics) are copied. Samples from the averaged generator are usually smoother and more
-    stable than from the last iterate (Yazıcı et al. 2019)."""
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p.detach(), 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
-
-
-class VolumeBatches:
-    """Shuffled batches of in-memory volumes (and conditions), a fresh seeded order every pass.
-
-    Yields ``{"image": (B, C, D, H, W)[, "condition": (B, K)]}``. With ``flip`` each volume is
-    mirrored along its first spatial axis (left-right in the phantoms) with probability 1/2.
-    The last incomplete batch of a pass is dropped.
-    """
-
-    def __init__(self, images: torch.Tensor, batch_size: int, condition: torch.Tensor | None = None,
-                 seed: int = 0, flip: bool = True):
-        if not isinstance(images, torch.Tensor) or images.ndim != 5 or not torch.is_floating_point(images):
-            raise ValueError(f"images: expected a float tensor (N, C, D, H, W), got "
-                             f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
-        if not torch.isfinite(images).all():
-            raise ValueError("images: contains NaN or infinite values")
-        if condition is not None and (condition.ndim != 2 or len(condition) != len(images)):
-            raise ValueError(f"condition: expected shape ({len(images)}, K), got {tuple(condition.shape)}")
-        if not 1 <= batch_size <= len(images):
-            raise ValueError(f"batch_size: expected 1..{len(images)} (the number of volumes), got {batch_size}")
-        self.images, self.condition, self.batch_size, self.flip = images, condition, int(batch_size), flip
-        self.g = torch.Generator().manual_seed(seed)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        n = len(self.images)
-        order = torch.randperm(n, generator=self.g)
-        for s in range(0, n - self.batch_size + 1, self.batch_size):
-            idx = order[s:s + self.batch_size]
-            x = self.images[idx]                                                        # (B, C, D, H, W)
-            if self.flip:
-                mirror = torch.rand(len(idx), generator=self.g) < 0.5                   # (B,)
-                x = torch.where(mirror[:, None, None, None, None], x.flip(2), x)
-            batch = {"image": x}
-            if self.condition is not None:
-                batch["condition"] = self.condition[idx]                                # (B, K)
-            yield batch
-
-
-# 3. The step functions -------------------------------------------------------------------------
-
-def gan_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-             batch: Mapping[str, Any], i: int, *, loss: str = "ns", gp_weight: float = 10.0, n_critic: int = 1,
-             ema: nn.Module | None = None, ema_decay: float = 0.999, ema_warmup: float = 3.0) -> dict[str, float]:
+def gan_step(batch: Mapping[str, Any], i: int, *, generator: nn.Module, discriminator: nn.Module,
+             opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, loss: str = "ns", gp_weight: float = 10.0,
+             n_critic: int = 1, ema: nn.Module | None = None, ema_decay: float = 0.999,
+             ema_warmup: float = 3.0) -> dict[str, float]:
     """One discriminator update and, every ``n_critic`` steps, one generator update.
 
     ``loss="ns"``: Eq. 1 (Eq. 2 with ``batch["condition"]``); ``loss="wgan-gp"``: Eq. 5 with the
-    gradient penalty weighted by ``gp_weight`` (λ). ``ema``, if given, is a copy of ``G`` that
-    tracks its exponential moving average with decay ``min(ema_decay, (i + 1) / (i + 1 + ema_warmup))``:
+    gradient penalty weighted by ``gp_weight`` (λ). ``ema``, if given, is a copy of the generator
+    that tracks its exponential moving average with decay ``min(ema_decay, (i + 1) / (i + 1 + ema_warmup))``:
     early on it averages over roughly the last ``1 / ema_warmup`` of the steps taken, so that
     the random initial weights are soon forgotten.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+    G, D = generator, discriminator
     device = next(G.parameters()).device
     # 1. data: real volumes x (B, C, D, H, W), and the condition c (B, K) of a cGAN
-    x = _batch_tensor(batch, "image", device)
-    c = _batch_tensor(batch, "condition", device) if "condition" in batch else None
+    x = batch_tensor(batch, "image", device)
+    c = batch_tensor(batch, "condition", device) if "condition" in batch else None
     z = torch.randn(x.shape[0], G.cfg.z_dim, device=device)                              # (B, Z)
     g_turn = (i + 1) % n_critic == 0                     # does the generator learn at this step?
     G.train(), D.train()
@@ -181,14 +99,16 @@ def gan_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: to
     return out
 
 
-def pix2pix_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-                 batch: Mapping[str, Any], l1_weight: float = 100.0) -> dict[str, float]:
+def pix2pix_step(batch: Mapping[str, Any], i: int, *, generator: nn.Module, discriminator: nn.Module,
+                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, l1_weight: float = 100.0
+                 ) -> dict[str, float]:
     """One step of pix2pix (survey Eq. 3): ``D(x, y)`` judges pairs; ``G(x)`` must fool it and stay
     within L1 of the paired target ``y`` (weight λ = ``l1_weight``). The randomness ``z`` of
     Eq. 3 is, as in the paper, left to the generator's dropout (none here: G is deterministic)."""
+    G, D = generator, discriminator
     device = next(G.parameters()).device
     # 1. a paired batch: source x and target y, (B, C, D, H, W) each
-    x, y = _batch_tensor(batch, "x", device), _batch_tensor(batch, "y", device)
+    x, y = batch_tensor(batch, "x", device), batch_tensor(batch, "y", device)
     G.train(), D.train()
     # 2. discriminator on (x, y) real pairs and (x, G(x)) fake pairs
     y_fake = G(x)
@@ -198,7 +118,7 @@ def pix2pix_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d
     opt_d.step()
     # 3. generator: adversarial + λ ||y − G(x)||₁
     adv = generator_loss(D(x, y_fake), "ns")
-    l1 = (y_fake - y).abs().mean()
+    l1 = l1_loss(y, y_fake)
     g_loss = adv + l1_weight * l1
     opt_g.zero_grad(set_to_none=True)
     g_loss.backward()
@@ -206,18 +126,20 @@ def pix2pix_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, opt_d
     return {"d_loss": d_loss.item(), "g_adv": adv.item(), "l1": l1.item()}
 
 
-def cyclegan_step(G: nn.Module, F_: nn.Module, D_x: nn.Module, D_y: nn.Module, opt_g: torch.optim.Optimizer,
-                  opt_d: torch.optim.Optimizer, batch: Mapping[str, Any], cycle_weight: float = 10.0) -> dict[str, float]:
+def cyclegan_step(batch: Mapping[str, Any], i: int, *, generator_xy: nn.Module, generator_yx: nn.Module,
+                  discriminator_x: nn.Module, discriminator_y: nn.Module, opt_g: torch.optim.Optimizer,
+                  opt_d: torch.optim.Optimizer, cycle_weight: float = 10.0) -> dict[str, float]:
     """One step of CycleGAN (survey Eq. 4) on *unpaired* volumes x (domain X) and y (domain Y).
 
-    ``G: X → Y`` and ``F_: Y → X`` (``F_`` because ``F`` is torch.nn.functional here); ``D_y``
-    judges volumes of Y, ``D_x`` of X. ``opt_g`` holds both generators' parameters and ``opt_d``
-    both discriminators'. Loss of the generators:
-    ``L_GAN(G, D_y) + L_GAN(F_, D_x) + λ (||F_(G(x)) − x||₁ + ||G(F_(y)) − y||₁)``.
+    ``G = generator_xy: X → Y`` and ``F_ = generator_yx: Y → X`` (``F_`` because ``F`` is
+    torch.nn.functional here); ``D_y = discriminator_y`` judges volumes of Y, ``D_x`` of X.
+    ``opt_g`` holds both generators' parameters and ``opt_d`` both discriminators'. Loss of the
+    generators: ``L_GAN(G, D_y) + L_GAN(F_, D_x) + λ (||F_(G(x)) − x||₁ + ||G(F_(y)) − y||₁)``.
     """
+    G, F_, D_x, D_y = generator_xy, generator_yx, discriminator_x, discriminator_y      # the paper's names
     device = next(G.parameters()).device
     # 1. an unpaired batch
-    x, y = _batch_tensor(batch, "x", device), _batch_tensor(batch, "y", device)
+    x, y = batch_tensor(batch, "x", device), batch_tensor(batch, "y", device)
     for m in (G, F_, D_x, D_y):
         m.train()
     # 2. generators: translate both ways, fool both discriminators, and come back where they started
@@ -237,14 +159,15 @@ def cyclegan_step(G: nn.Module, F_: nn.Module, D_x: nn.Module, D_y: nn.Module, o
     return {"d_loss": d_loss.item(), "g_adv": adv.item(), "cycle": cyc.item()}
 
 
-# 4. One adversarial run, end to end -------------------------------------------------------------
+# 2. One adversarial run, end to end -------------------------------------------------------------
 
 def train_gan(G: nn.Module, D: nn.Module, batches: Any, *, loss: str, max_steps: int, budget_s: float | None = None,
               lr_g: float = 2e-4, lr_d: float = 2e-4, betas: tuple[float, float] = (0.5, 0.999),
               gp_weight: float = 10.0, n_critic: int = 1, ema_decay: float | None = 0.999, ema_warmup: float = 3.0,
               probe: Callable[[nn.Module], Mapping[str, float]] | None = None, probe_every: int = 50,
               keep_best: str | None = None, desc: str = "gan") -> tuple[nn.Module, History]:
-    """Adam for both networks, an EMA copy of ``G``, and :func:`fit` over :func:`gan_step`.
+    """Adam for both networks, an EMA copy of ``G``, and :func:`fit` over :func:`gan_step` (bound with
+    :func:`functools.partial`, as every chapter calls a step function).
 
     Every ``probe_every`` steps (and at the last one) ``probe(generator)`` — e.g. the FD of its
     samples in the yardstick encoder — is added to that step's record; it sees the EMA generator
@@ -268,11 +191,13 @@ def train_gan(G: nn.Module, D: nn.Module, batches: Any, *, loss: str, max_steps:
             best.update(value=out[keep_best], state=copy.deepcopy(final.state_dict()), step=i + 1)
         return out
 
+    gan = partial(gan_step, generator=G, discriminator=D, opt_g=opt_g, opt_d=opt_d, loss=loss, gp_weight=gp_weight,
+                  n_critic=n_critic, ema=ema, ema_decay=ema_decay or 0.0, ema_warmup=ema_warmup)
+
     def step(batch: Mapping[str, Any], i: int) -> dict[str, float]:
-        out = gan_step(G, D, opt_g, opt_d, batch, i, loss=loss, gp_weight=gp_weight, n_critic=n_critic,
-                       ema=ema, ema_decay=ema_decay or 0.0, ema_warmup=ema_warmup)
+        out = gan(batch, i)
         if probe is not None and ((i + 1) % probe_every == 0 or i + 1 == max_steps):
-            out.update(measure(i))
+            out.update(measure(i))           # the probe joins this step's record
         return out
 
     history = fit(step, batches, max_steps=max_steps, budget_s=budget_s, desc=desc)

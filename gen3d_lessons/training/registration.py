@@ -52,13 +52,13 @@ class RegistrationLoss:
         return terms
 
 
-def registration_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Mapping[str, Any],
-                      loss_fn: RegistrationLoss) -> dict[str, float]:
+def registration_step(batch: Mapping[str, Any], i: int, *, model: torch.nn.Module,
+                      optimizer: torch.optim.Optimizer, loss_fn: RegistrationLoss) -> dict[str, float]:
     """One optimiser step of a VoxelMorph-style ``model(moving, fixed) -> (field, displacement, warped)``.
 
     ``batch``: ``moving``, ``fixed`` (B, C, D, H, W); with ``loss_fn.dice > 0`` also ``moving_labels``
     and ``fixed_labels`` (B, K, D, H, W), one-hot or probabilities. Use with ``fit``:
-    ``fit(lambda b, i: registration_step(net, opt, b, loss_fn), loader, ...)``.
+    ``fit(partial(registration_step, model=net, optimizer=opt, loss_fn=loss_fn), loader, ...)``.
     """
     model.train()
     device = next(model.parameters()).device

@@ -1,0 +1,61 @@
+"""What a network costs: parameters, memory and seconds per training step, in 2D or in 3D.
+
+Chapter 1 uses it to measure "the challenges of 3D" rather than quote them, on the plain
+encoder–decoder of :mod:`gen3d_lessons.models.plain`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..blocks import count_parameters
+from ..models.plain import PlainEncoderDecoder, PlainNetConfig
+
+__all__ = ["activation_bytes", "measure_training_step"]
+
+
+def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of every layer output in one forward pass: roughly what backprop has to keep."""
+    total = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal total
+        total += output.numel() * output.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def measure_training_step(cfg: PlainNetConfig, size: int, batch: int = 2, steps: int = 3,
+                          device: str | torch.device = "cpu") -> dict[str, float]:
+    """Parameters, memory estimate (MB) and median seconds per Adam step at an edge of ``size``.
+
+    Memory = activations of one forward pass + weights, gradients and Adam's two moments
+    (4 × parameters), in float32. It is computed from tensor sizes, so it does not depend on
+    the allocator and is the same on any machine.
+    """
+    model = PlainEncoderDecoder(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, cfg.in_channels, *([size] * cfg.dims), device=device)  # (B, C, *spatial)
+    params = count_parameters(model)
+    memory = activation_bytes(model, x) + 4 * 4 * params
+    seconds = []
+    for i in range(steps + 1):                                # step 0 warms up and is not timed
+        t0 = time.perf_counter()
+        loss = (model(x) - x).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i:
+            seconds.append(time.perf_counter() - t0)
+    return {"dims": cfg.dims, "size": size, "voxels": size ** cfg.dims, "params": params,
+            "memory_MB": memory / 2 ** 20, "s_per_step": float(sorted(seconds)[len(seconds) // 2])}
