@@ -26,11 +26,11 @@ DATASETS = ("brain", "heart")
 
 def _make_dataset(kind: str, out: Path, args: argparse.Namespace) -> None:
     """Write one phantom dataset into ``out`` (atomically: see :func:`data.write_dataset`)."""
-    from .data import _complete, check_params, write_dataset
+    from .data import is_complete, check_params, write_dataset
 
     params = dict(n=args.n, size=args.size, seed=args.seed) | (dict(frames=args.frames) if kind == "heart" else {})
     check_params(kind, params)                      # before anything is looked at or written
-    if not args.force and out.is_dir() and _complete(out, args.n):
+    if not args.force and out.is_dir() and is_complete(out, args.n):
         print(f"{kind}: {out} exists, skipping (--force to remake it)")
         return
     start = time.perf_counter()

@@ -469,3 +469,407 @@ def slice_scrubber(volume: Any, label: Any = None, axis: int = 2, spacing: Any =
         return [image] if over is None else [image, over]
 
     return _animate(fig, update, len(ks), fps=4, mode="once", start=len(ks) // 2)
+
+
+def plot_scaling(rows: Any, x: str = "voxels", ys: Sequence[str] = ("memory_MB", "s_per_step"),
+                 group: str = "dims") -> Figure:
+    """Log-log curves of cost against size, one line per ``group`` (2D vs 3D), one panel per ``ys``.
+
+    ``rows``: a DataFrame or a list of dicts such as
+    :func:`~gen3d_lessons.training.benchmark.measure_training_step` returns.
+    """
+    records = list(rows.to_dict("records")) if hasattr(rows, "to_dict") else list(rows)
+    missing = sorted({k for k in (x, group, *ys) for r in records if k not in r})
+    if not records or missing:
+        raise ValueError(f"rows: expected records with {x!r}, {group!r} and {list(ys)}; "
+                         f"{'none given' if not records else f'missing {missing}'}")
+    labels = {"memory_MB": "training memory (MB)", "s_per_step": "seconds per step", "voxels": "pixels or voxels per sample"}
+    fig, axes = plt.subplots(1, len(ys), figsize=(4.5 * len(ys), 3.2), dpi=DPI, squeeze=False)
+    for key in sorted({r[group] for r in records}):
+        mine = sorted((r for r in records if r[group] == key), key=lambda r: r[x])
+        for a, y in zip(axes[0], ys):
+            a.loglog([r[x] for r in mine], [r[y] for r in mine], "o-", label=f"{key}D" if group == "dims" else str(key))
+    for a, y in zip(axes[0], ys):
+        a.set(xlabel=labels.get(x, x), ylabel=labels.get(y, y))
+        a.legend()
+    return _done(fig)
+
+
+def sample_rows(sets: Mapping[str, Any], n: int = 4, axis: int = 2, index: int | None = None,
+                spacing: Any = None, title: str | None = None) -> Figure:
+    """The same slice of the first ``n`` volumes of each set, one row per set: real volumes beside
+    each model's samples. ``sets`` maps a name to volumes (N, C, D, H, W) or (N, D, H, W)
+    (channel 0 is drawn); panels are titled ``"<name> <k>"``. One grey scale for every panel, so
+    that a brighter sample really is brighter."""
+    if not isinstance(sets, Mapping) or not sets:
+        raise ValueError("sets: expected a non-empty dict {name: volumes (N, C, D, H, W)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive number of volumes per row, got {n!r}")
+    rows = {}
+    for name, x in sets.items():
+        x = _numpy(x, f"sets[{name!r}]")
+        x = x[:, 0] if x.ndim == 5 else x                                    # (N, D, H, W)
+        if x.ndim != 4 or len(x) < n:
+            raise ValueError(f"sets[{name!r}]: expected at least {n} volumes (N, C, D, H, W), got shape {x.shape}")
+        rows[name] = [_volume(v, f"sets[{name!r}][{i}]") for i, v in enumerate(x[:n])]
+    shape = next(iter(rows.values()))[0].shape
+    if any(v.shape != shape for vs in rows.values() for v in vs):
+        raise ValueError(f"sets: every volume needs the shape {shape} of the first")
+    sp, axis = _spacing(spacing, 3), _axis(axis)
+    k = _index(index, shape[axis])
+    vmin, vmax = _window(*(v for vs in rows.values() for v in vs))
+    fig, axes = _figure(len(rows), n, title or _slice_title(axis, k))
+    for r, (name, vs) in enumerate(rows.items()):
+        for i, v in enumerate(vs):
+            _draw(axes[r, i], _cut(v, axis, k), None, _aspect(sp, axis), vmin, vmax, title=f"{name} {i + 1}")
+    return _done(fig)
+
+
+def plot_gan_training(histories: Mapping[str, Any], references: Mapping[str, float] | None = None, *,
+                      probe: str = "fd", titles: Sequence[str] | None = None,
+                      probe_title: str = "probe: FD to the validation brains (★ lowest)") -> Figure:
+    """Adversarial runs side by side: each run's ``d_loss`` and ``g_loss`` in a panel of its own,
+    and the probe of every run (e.g. FD, at the steps it ran; a star on its lowest value, the
+    generator ``train_gan(keep_best=...)`` keeps) in a last panel, with ``references``
+    ``{name: value}`` as grey horizontal lines on the probe's scale.
+
+    ``histories``: ``{name: History}`` (or ``{name: {key: values}}``) from
+    :func:`~gen3d_lessons.training.gan.train_gan`; ``titles``: one per run (default: its name).
+    """
+    if not isinstance(histories, Mapping) or not histories:
+        raise ValueError("histories: expected a non-empty dict {name: History}")
+    titles = list(histories) if titles is None else list(titles)
+    if len(titles) != len(histories):
+        raise ValueError(f"titles: expected one per history ({len(histories)}), got {len(titles)}")
+    curves = {}
+    for name, h in histories.items():                                       # checked before any figure opens
+        values = h.values if hasattr(h, "values") and isinstance(h.values, Mapping) else h
+        missing = [k for k in ("d_loss", "g_loss", probe) if k not in values]
+        if missing:
+            raise ValueError(f"histories[{name!r}]: no {missing}; recorded: {', '.join(values)}")
+        curves[name] = {k: np.asarray(values[k], dtype=float) for k in ("d_loss", "g_loss", probe)}
+    fig, axes = plt.subplots(1, len(histories) + 1, figsize=(11 / 3 * (len(histories) + 1), 3), dpi=DPI)
+    for ax, (name, v) in zip(axes, curves.items()):
+        ax.plot(v["d_loss"], lw=0.6, label="D loss"), ax.plot(v["g_loss"], lw=0.6, label="G loss")
+        at = np.flatnonzero(np.isfinite(v[probe]))                          # the steps the probe ran at
+        line, = axes[-1].plot(at + 1, v[probe][at], "o-", ms=3, label=name)
+        if at.size:                                                          # a star on its lowest value
+            best = at[np.argmin(v[probe][at])]
+            axes[-1].plot(best + 1, v[probe][best], "*", ms=10, color=line.get_color())
+    for (name, value), style in zip((references or {}).items(), (":", "--", "-.", "-")):
+        axes[-1].axhline(value, color="gray", ls=style, label=name)
+    for ax, title in zip(axes, (*titles, probe_title)):
+        ax.set(title=title, xlabel="step")
+        ax.legend(fontsize=7)
+    return _done(fig)
+
+
+def compare_labels(image: Any, labels: Mapping[str, Any], *, focus: int | None = None, axis: int = 2,
+                   index: int | None = None, spacing: Any = None, title: str | None = None) -> Figure:
+    """One image under several label maps, one panel per map: the truth beside each method's labels.
+
+    ``labels`` maps a panel's title to a label map of the image's shape, e.g. ``{"truth": y,
+    "U-Net": pred, "errors": wrong}``. ``focus``: a label value; the slice then passes through the
+    mean position of that label in the *first* map (a lesion, the left ventricle), or through the
+    centre if it is absent. Without ``focus``, ``index`` picks the slice (None: the centre).
+    """
+    if not isinstance(labels, Mapping) or not labels:
+        raise ValueError("labels: expected a non-empty dict {title: label map}")
+    vol = _volume(image, "image")
+    if focus is not None:
+        first = next(iter(labels))
+        where = np.argwhere(_label(labels[first], vol.shape, f"labels[{first!r}]") == focus)
+        index = int(where[:, _axis(axis)].mean()) if len(where) else None
+    return compare({name: vol for name in labels}, axis=axis, index=index, spacing=spacing, labels=labels,
+                   title=title)
+
+
+def plot_histories(histories: Mapping[str, Any], panels: Sequence[Sequence[str]], keys: Sequence[str] = ("loss",),
+                   *, continued: Sequence[str] = (), window: int = 20, ylabel: str = "loss (moving mean)",
+                   log: bool = True) -> Figure:
+    """The curves of several trainings, one panel per group of ``panels``, each a moving mean over
+    ``window`` steps (a per-step loss is too noisy to read).
+
+    ``histories`` maps a name to a :class:`~gen3d_lessons.training.History` (or ``{key: values}``);
+    from each, the first of ``keys`` that it recorded is drawn (``("loss", "seg")``: a plain step's
+    loss, or the segmentation term of a step that records several). A name in ``continued`` is a
+    training that the later names of its panel start from (a pre-training): their curves begin
+    after its last step, all at the same place, so that continuations are seen side by side.
+    """
+    import pandas as pd
+
+    if not isinstance(histories, Mapping) or not panels:
+        raise ValueError("histories, panels: expected {name: History} and a list of groups of names")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window: expected a positive number of steps, got {window!r}")
+    curves = {}                                          # name -> the values drawn, checked before drawing
+    for name in {name: None for names in panels for name in names}:
+        if name not in histories:
+            raise ValueError(f"panels: {name!r} is not among the histories ({', '.join(histories)})")
+        h = histories[name]
+        values = h.values if hasattr(h, "values") and isinstance(h.values, Mapping) else h
+        key = next((k for k in keys if k in values), None)
+        if key is None:
+            raise ValueError(f"histories[{name!r}]: none of {list(keys)} recorded; recorded: {', '.join(values)}")
+        curves[name] = np.asarray(values[key], dtype=float)
+    fig, axes = plt.subplots(1, len(panels), figsize=(11 / 3 * len(panels), 2.8), dpi=DPI, squeeze=False)
+    for ax, names in zip(axes[0], panels):
+        offset = 0
+        for name in names:
+            y = curves[name]
+            steps = offset + np.arange(len(y))
+            ax.plot(steps, pd.Series(y).rolling(window, min_periods=1).mean(), label=name)
+            if name in continued and len(y):
+                offset = int(steps[-1]) + 1
+        ax.set(xlabel="step", ylabel=ylabel, yscale="log" if log else "linear")
+        ax.legend(fontsize=7)
+    return _done(fig)
+
+
+def anomaly_panels(volumes: Mapping[str, Any], lesion: Any, brain: Any, axis: int = 2, index: int | None = None,
+                   spacing: Any = None, ncols: int = 3, title: str | None = None) -> Figure:
+    """One subject's anomaly maps side by side on one slice, its lesion outlined (chapter 12).
+
+    The first of ``volumes`` is the image (grey); the others are maps (magma), drawn inside
+    ``brain`` only. Each panel has its own scale, from 0 to its 99.9th percentile inside the
+    brain: detectors' maps come in different units, and what matters is where each is highest.
+    The slice is ``index`` along ``axis``, by default the one that holds the most lesion voxels.
+    """
+    if not isinstance(volumes, Mapping) or not volumes:
+        raise ValueError("volumes: expected a non-empty dict {title: volume}, the image first")
+    vols = {name: _volume(v, f"volumes[{name!r}]") for name, v in volumes.items()}
+    shape = next(iter(vols.values())).shape
+    les, inside = (_label(m, shape, name) > 0 for m, name in ((lesion, "lesion"), (brain, "brain")))
+    for name, v in vols.items():
+        if v.shape != shape:
+            raise ValueError(f"volumes[{name!r}]: shape {v.shape} differs from the first volume's {shape}")
+    if not inside.any():
+        raise ValueError("brain: the mask selects no voxel")
+    if isinstance(ncols, bool) or not isinstance(ncols, (int, np.integer)) or ncols < 1:
+        raise ValueError(f"ncols: expected a positive integer, got {ncols!r}")
+    axis, sp = _axis(axis), _spacing(spacing, 3)
+    others = tuple(a for a in range(3) if a != axis)
+    k = int(les.sum(others).argmax()) if index is None else _index(index, shape[axis])
+
+    ncols = min(int(ncols), len(vols))
+    fig, axes = _figure(math.ceil(len(vols) / ncols), ncols, f"{title + ', ' if title else ''}{_slice_title(axis, k)}: "
+                        "anomaly maps, lesion outlined")
+    for j, (a, (name, v)) in enumerate(zip(axes.flat, vols.items())):
+        v = v if j == 0 else v * inside                                    # the maps inside the brain only
+        hi = max(float(np.quantile(v[inside], 0.999)), 1e-6)               # each panel on its own scale
+        a.imshow(_cut(v, axis, k).T, cmap="gray" if j == 0 else "magma", vmin=0, vmax=hi, origin="lower",
+                 aspect=_aspect(sp, axis), interpolation="nearest")
+        if les[(slice(None),) * axis + (k,)].any():
+            a.contour(_cut(les, axis, k).T.astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
+        a.set_title(name, fontsize=8)
+    for a in axes.flat:
+        a.set_axis_off()
+    return _done(fig)
+
+
+# Registration (chapter 13) -----------------------------------------------------------------------
+
+_MARKERS = ("s", "*", "^", "D", "v", "P")
+
+
+def accuracy_against_time(curve: Mapping[str, tuple[float, float]], points: Mapping[str, tuple[float, float]],
+                          reference: Mapping[str, float] | None = None, *, curve_label: str = "iterative optimiser (steps)",
+                          ylabel: str = "accuracy", title: str = "accuracy against time") -> Figure:
+    """Accuracy against seconds (log scale): a method whose accuracy is bought with time is a curve, the others points.
+
+    ``curve`` maps each point's annotation (e.g. its number of steps) to ``(seconds, accuracy)``,
+    in the order of the curve; ``points`` maps a method's name to its ``(seconds, accuracy)``;
+    ``reference`` draws a level that costs nothing (e.g. no registration) as a dotted line.
+    """
+    if not isinstance(curve, Mapping) or not curve:
+        raise ValueError("curve: expected a non-empty dict {annotation: (seconds, accuracy)}")
+    for name, xy in {**curve, **points}.items():
+        if len(xy) != 2 or not float(xy[0]) > 0:
+            raise ValueError(f"{name!r}: expected (seconds > 0, accuracy) on a log time axis, got {tuple(xy)}")
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=DPI)
+    seconds, accuracy = zip(*((float(s), float(a)) for s, a in curve.values()))
+    ax.plot(seconds, accuracy, "o-", label=curve_label)
+    for note, s, a in zip(curve, seconds, accuracy):
+        ax.annotate(str(note), (s, a), fontsize=7, textcoords="offset points", xytext=(4, -8))
+    for (name, (s, a)), marker in zip(points.items(), _MARKERS * len(points)):
+        ax.plot(float(s), float(a), marker, ms=10, label=name)
+    for name, level in (reference or {}).items():
+        ax.axhline(float(level), color="grey", ls=":", label=name)
+    ax.set(xscale="log", xlabel="seconds per pair (log)", ylabel=ylabel, title=title)
+    ax.legend(fontsize=7)
+    return _done(fig)
+
+
+def volume_change_figure(moving: Any, fixed: Any, det: Any, mask: Any, ratio: Any, mean_det: Mapping[str, Any], *,
+                         names: Sequence[str] = ("moving", "fixed"), det_title: str = "det J", axis: int = 2,
+                         index: int | None = None, xlabel: str = "volume ratio", ylabel: str = "mean det J",
+                         title: str | None = None) -> Figure:
+    """A deformation's local volume change: one slice of the pair and of det J, and det J against the truth.
+
+    ``moving``, ``fixed``, the field's Jacobian determinant ``det`` and a structure's ``mask`` are
+    volumes of one shape, drawn on one slice (``index`` along ``axis``; default: through the middle
+    of the mask), det J on a diverging scale around 1 with the mask outlined. The last panel puts,
+    for every pair, the structure's true volume ``ratio`` against each method's mean det J in it
+    (``mean_det``: ``{method: values}``), with the diagonal where the two agree. ``title`` may hold
+    ``{index}``, replaced by the slice drawn.
+    """
+    vols = [_volume(v, name) for v, name in ((moving, "moving"), (fixed, "fixed"), (det, "det"))]
+    inside = _label(mask, vols[0].shape, "mask") > 0
+    if any(v.shape != vols[0].shape for v in vols) or not inside.any():
+        raise ValueError(f"moving, fixed, det, mask: expected one shape and a non-empty mask, got "
+                         f"{[v.shape for v in vols]} and {int(inside.sum())} voxels in the mask")
+    ratio = _numpy(ratio, "ratio").ravel()
+    means = {m: _numpy(v, f"mean_det[{m!r}]").ravel() for m, v in mean_det.items()}
+    if not means or any(v.shape != ratio.shape for v in means.values()):
+        raise ValueError(f"mean_det: expected one value per pair ({ratio.size}) for every method, "
+                         f"got {({m: v.size for m, v in means.items()})}")
+    axis = _axis(axis)
+    k = int(np.argwhere(inside)[:, axis].mean()) if index is None else _index(index, vols[0].shape[axis])
+
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3), dpi=DPI)
+    for a, v, name in zip(axes[:2], vols[:2], names):
+        a.imshow(_cut(v, axis, k).T, cmap="gray", origin="lower"), a.set_title(name, fontsize=9)
+    im = axes[2].imshow(_cut(vols[2], axis, k).T, cmap="RdBu_r", vmin=0, vmax=2, origin="lower")
+    axes[2].contour(_cut(inside, axis, k).T.astype(float), [0.5], colors="k", linewidths=0.8)
+    axes[2].set_title(det_title, fontsize=9)
+    fig.colorbar(im, ax=axes[2], shrink=0.8)
+    for (m, values), marker in zip(means.items(), ("o", "*", "s", "^") * len(means)):
+        axes[3].scatter(ratio, values, marker=marker, s=60 if marker == "*" else None, label=m)
+    lim = [1, float(max(ratio.max(), *(v.max() for v in means.values()))) + 0.2]
+    axes[3].plot(lim, lim, "k:", lw=1), axes[3].set(xlabel=xlabel, ylabel=ylabel), axes[3].legend(fontsize=7)
+    for a in axes[:3]:
+        a.axis("off")
+    if title:
+        fig.suptitle(title.replace("{index}", str(k)), fontsize=9)
+    return _done(fig)
+
+
+def difference_maps(volumes: Mapping[str, Any], reference: Any, axis: int = 2, index: int | None = None,
+                    limit: float | None = None, title: str | None = None) -> Figure:
+    """One row of panels, one per volume: the same slice of ``volume − reference`` (chapter 11: a
+    method's error against the full-dose volume, or what one method adds to another).
+
+    A diverging map (red: brighter than the reference, blue: darker) on one symmetric scale
+    ``±limit`` for every panel (by default the largest difference shown), with one colour bar.
+    """
+    if not isinstance(volumes, Mapping) or not volumes:
+        raise ValueError("volumes: expected a non-empty dict {title: volume}")
+    ref = _volume(reference, "reference")
+    diffs = {}
+    for name, v in volumes.items():
+        v = _volume(v, f"volumes[{name!r}]")
+        if v.shape != ref.shape:
+            raise ValueError(f"volumes[{name!r}]: shape {v.shape} differs from the reference's {ref.shape}")
+        diffs[name] = v - ref
+    axis = _axis(axis)
+    k = _index(index, ref.shape[axis])
+    cuts = {name: _cut(d, axis, k) for name, d in diffs.items()}
+    if limit is None:
+        limit = max(float(np.abs(c).max()) for c in cuts.values()) or 1.0
+    elif not (isinstance(limit, (int, float, np.number)) and limit > 0):
+        raise ValueError(f"limit: expected a positive number, got {limit!r}")
+
+    fig, axes = plt.subplots(1, len(cuts), figsize=(PANEL_IN * len(cuts) + 0.6, 2.8), dpi=DPI, squeeze=False)
+    for a, (name, c) in zip(axes[0], cuts.items()):
+        image = a.imshow(c.T, cmap="RdBu_r", vmin=-limit, vmax=limit, origin="lower", interpolation="nearest")
+        a.set_title(name, fontsize=8)
+        a.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.colorbar(image, ax=list(axes[0]), shrink=0.8)
+    plt.close(fig)                                   # no tight_layout: it cannot place a shared colour bar
+    return fig
+
+
+def line_profiles(profiles: Mapping[str, Any], positions: Any = None, bold: Sequence[str] = (),
+                  xlabel: str = "position (voxels)", ylabel: str = "intensity", title: str | None = None) -> Figure:
+    """Intensity profiles along one line, one curve per volume (e.g. from
+    :func:`~gen3d_lessons.metrics.image.line_profile`), at ``positions`` (default: sample indices).
+    The names in ``bold`` are drawn thicker: the methods the figure is about."""
+    if not isinstance(profiles, Mapping) or not profiles:
+        raise ValueError("profiles: expected a non-empty dict {name: 1D profile}")
+    curves = {name: _numpy(p, f"profiles[{name!r}]").astype(float) for name, p in profiles.items()}
+    n = len(next(iter(curves.values())))
+    for name, y in curves.items():
+        if y.ndim != 1 or len(y) != n:
+            raise ValueError(f"profiles[{name!r}]: expected a 1D profile of {n} samples like the first, got shape {y.shape}")
+    x = np.arange(n) if positions is None else _numpy(positions, "positions").astype(float)
+    if x.shape != (n,):
+        raise ValueError(f"positions: expected {n} positions, one per sample, got shape {x.shape}")
+    unknown = [b for b in bold if b not in curves]
+    if unknown:
+        raise ValueError(f"bold: {unknown} are not among the profiles ({', '.join(curves)})")
+
+    fig, a = plt.subplots(figsize=(4.5, 3), dpi=DPI)
+    for name, y in curves.items():
+        a.plot(x, y, label=name, lw=2 if name in bold else 1)
+    a.set(xlabel=xlabel, ylabel=ylabel)
+    if title:
+        a.set_title(title, fontsize=9)
+    a.legend(fontsize=7)
+    return _done(fig)
+
+
+def quality_vs_cost(table: Any, connect: Mapping[str, Sequence[str]] | None = None,
+                    lines: Mapping[str, float] | None = None, *, x: str = "network calls", y: str = "FD",
+                    err: str = "FD (std)", xlabel: str = "network calls per sample", ylabel: str = "FD",
+                    log_x: bool = True) -> Figure:
+    """Quality against cost, one point with an error bar per row of ``table`` (chapter 5: samplers).
+
+    ``table``: a pandas DataFrame (or ``{name: {column: value}}``) with columns ``x``, ``y`` and
+    ``err``. The rows named in each group of ``connect`` ``{label: [row names]}`` are joined by a
+    line (one sampler at several step counts); every other row is a marker of its own. ``lines``
+    ``{label: value}`` are horizontal reference lines (a baseline, real data).
+    """
+    records = ({str(k): dict(r) for k, r in table.iterrows()} if hasattr(table, "iterrows")
+               else {str(k): dict(r) for k, r in dict(table).items()})
+    missing = sorted({c for c in (x, y, err) for r in records.values() if c not in r})
+    if not records or missing:
+        raise ValueError(f"table: expected rows with columns {x!r}, {y!r}, {err!r}; "
+                         f"{'none given' if not records else f'missing {missing}'}")
+    groups = {label: [str(r) for r in names] for label, names in (connect or {}).items()}
+    unknown = sorted({r for names in groups.values() for r in names} - set(records))
+    if unknown:
+        raise ValueError(f"connect: {unknown} are not rows of the table ({', '.join(records)})")
+    grouped = {r for names in groups.values() for r in names}
+    col = lambda names, c: [float(records[r][c]) for r in names]                     # noqa: E731
+
+    fig, a = plt.subplots(figsize=(5.5, 3.2), dpi=DPI)
+    for label, names in groups.items():
+        a.errorbar(col(names, x), col(names, y), col(names, err), fmt="o-", capsize=3, label=label)
+    singles = [r for r in records if r not in grouped]
+    for name, mark in zip(singles, ("s", "D", "^", "v", "P", "X", "*") * (len(singles) // 7 + 1)):
+        a.errorbar(col([name], x), col([name], y), col([name], err), fmt=mark, capsize=3, label=name)
+    for (label, value), (color, style) in zip((lines or {}).items(), [("grey", "--"), ("green", ":"), ("black", "-.")] * 4):
+        a.axhline(float(value), color=color, ls=style, label=label)
+    a.set(xscale="log" if log_x else "linear", xlabel=xlabel, ylabel=ylabel)
+    a.legend(fontsize=7)
+    return _done(fig)
+
+
+def plot_receptive_field(seen: Any, voxel: Sequence[int], radius: int = 8, planes: int = 3) -> Figure:
+    """What one output voxel of a causal 3D network reads: its receptive field, plane by plane.
+
+    ``seen``: a (D, H, W) bool map of the input voxels the output at ``voxel`` = (d, h, w)
+    depends on (e.g. :func:`~gen3d_lessons.models.pixelcnn.receptive_field`). One panel per plane,
+    from ``planes - 1`` planes before the voxel's up to its own plane ``d``, each cropped to
+    ``± radius`` voxels around (h, w) and drawn with ``h`` down and ``w`` to the right (raster
+    order reads left to right, top to bottom); a red cross marks the voxel. Blue: read.
+    """
+    m = _numpy(seen, "seen")
+    if m.ndim != 3:
+        raise ValueError(f"seen: expected a (D, H, W) map, got shape {m.shape}")
+    if len(voxel) != 3 or any(not 0 <= int(v) < n for v, n in zip(voxel, m.shape)):
+        raise ValueError(f"voxel: expected (d, h, w) inside {m.shape}, got {tuple(voxel)!r}")
+    d, h, w = (int(v) for v in voxel)
+    if isinstance(planes, bool) or not isinstance(planes, int) or not 1 <= planes <= d + 1:
+        raise ValueError(f"planes: expected 1..{d + 1} planes up to the voxel's, got {planes!r}")
+    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
+        raise ValueError(f"radius: expected a non-negative number of voxels, got {radius!r}")
+    h0, w0 = max(h - radius, 0), max(w - radius, 0)                                   # crop, inside the volume
+    fig, axes = plt.subplots(1, planes, figsize=(2.5 * planes, 2.7), dpi=DPI, squeeze=False)
+    for ax, back in zip(axes[0], range(planes - 1, -1, -1)):
+        ax.imshow(m[d - back, h0:h + radius + 1, w0:w + radius + 1].astype(float), cmap="Blues", vmin=0, vmax=1.5)
+        ax.plot(w - w0, h - h0, "r+", ms=12)
+        ax.set(title=f"plane d-{back}" if back else "current plane d", xlabel="w →", ylabel="← h", xticks=[], yticks=[])
+    return _done(fig)

@@ -1,4 +1,4 @@
-"""Anomaly detection (chapter 12): registration helpers, the three detectors, score() and the metrics."""
+"""Anomaly detection (chapter 12): registration helpers, the three detectors, score(), the metrics, table and figure."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import torch
 
 from gen3d_lessons import spatial
 from gen3d_lessons.tasks.anomaly import (ResidualDetector, StandardisedDetector, VQTransformerDetector, ZScoreAtlas,
-                                   age_site_condition, invert_displacement, phantom_cohort, score, signed_residual,
-                                   to_subject, to_template)
-from gen3d_lessons.metrics.detection import evaluate
+                                   age_site_condition, invert_displacement, phantom_cohort, score, score_cohort,
+                                   signed_residual, to_subject, to_template)
+from gen3d_lessons.metrics.detection import (detection_table, evaluate, lesion_fraction, lesion_volumes,
+                                             small_lesions)
 from gen3d_lessons.models.vae import VAE3D, VAEConfig
 from gen3d_lessons.models.vqvae import CodeTransformer, TransformerConfig, VQVAE3D, VQVAEConfig, to_sequence
 
@@ -221,3 +222,84 @@ def test_score_rejects_bad_context(cohort, atlas):
         score(cvae, x, condition=torch.zeros(2, 3), displacement=u)
     with pytest.raises(TypeError, match="detector"):
         score(lambda x: x, x)
+
+
+# 5. Scoring a cohort, small lesions, the table and the figure (chapter 12's evaluation) ----------------
+
+def test_score_cohort_matches_score_and_batches(cohort, atlas):
+    maps = score_cohort(atlas, cohort, batch=2)
+    assert maps.shape == (5, N, N, N)
+    assert torch.equal(maps, score(atlas, cohort.image, displacement=cohort.displacement)[:, 0])
+    cvae = ResidualDetector(tiny_cvae())                                       # the condition comes from the cohort
+    c = age_site_condition(cohort.attributes)
+    assert torch.allclose(score_cohort(cvae, cohort, batch=3),
+                          score(cvae, cohort.image, condition=c, displacement=cohort.displacement)[:, 0], atol=1e-5)
+    with pytest.raises(ValueError, match="batch"):
+        score_cohort(atlas, cohort, batch=0)
+
+
+def two_lesions() -> tuple[torch.Tensor, torch.Tensor]:
+    lesion = torch.zeros(2, 8, 8, 8, dtype=torch.bool)
+    lesion[0, 1:3, 1:3, 1:3] = True                                             # 8 voxels
+    lesion[0, 6, 6, 6] = True                                                   # 1 voxel, apart from the first
+    lesion[1, 4:7, 4:7, 4:7] = True                                             # 27 voxels
+    return lesion, torch.ones(2, 8, 8, 8, dtype=torch.bool)
+
+
+def test_lesion_volumes_counts_connected_pieces():
+    lesion, _ = two_lesions()
+    size_of, volumes = lesion_volumes(lesion)
+    assert sorted(volumes.tolist()) == [1, 8, 27] and size_of.dtype == torch.int64
+    assert size_of[0, 1, 1, 1] == 8 and size_of[0, 6, 6, 6] == 1 and size_of[1, 5, 5, 5] == 27
+    assert (size_of[~lesion] == 0).all()
+    diagonal = torch.zeros(1, 4, 4, 4, dtype=torch.bool)
+    diagonal[0, 0, 0, 0] = diagonal[0, 1, 1, 1] = True                         # corners touch: one lesion (26-neighbours)
+    assert lesion_volumes(diagonal)[1].tolist() == [2]
+    with pytest.raises(ValueError, match="binary"):
+        lesion_volumes(torch.rand(1, 4, 4, 4))
+
+
+def test_small_lesions_leave_the_larger_ones_out():
+    lesion, brain = two_lesions()
+    small = small_lesions(lesion, brain)                                        # median of (1, 8, 27) is 8
+    assert small.below == 8.0 and small.count == 1
+    assert small.lesion.sum() == 1 and small.lesion[0, 6, 6, 6]
+    assert (small.brain == brain & ~(lesion & ~small.lesion)).all()            # larger lesions are neither positive nor healthy
+    assert small_lesions(lesion, brain, below=10).lesion.sum() == 9
+    with pytest.raises(ValueError, match="no lesion"):
+        small_lesions(torch.zeros_like(lesion), brain)
+    with pytest.raises(ValueError, match="one shape"):
+        small_lesions(lesion, brain[:1])
+
+
+def test_lesion_fraction_and_detection_table():
+    lesion, brain = two_lesions()
+    assert lesion_fraction(lesion, brain) == pytest.approx(36 / 1024)
+    g = torch.Generator().manual_seed(0)
+    perfect = lesion.float() + 0.01 * torch.rand(lesion.shape, generator=g)
+    maps = {"perfect": perfect, "noise": torch.rand(lesion.shape, generator=g)}
+    table = detection_table(maps, lesion, brain, [True, True], small=small_lesions(lesion, brain))
+    assert list(table.index) == ["perfect", "noise"]
+    assert list(table.columns) == ["auroc", "auprc", "best_dice", "volume_auroc", "auroc_small", "auprc_small"]
+    assert table.loc["perfect", ["auroc", "auprc", "best_dice", "auprc_small"]].tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert np.isnan(table.loc["perfect", "volume_auroc"])                       # every volume is lesioned
+    row = evaluate(maps["noise"], lesion, brain, [True, True])
+    assert table.loc["noise", "auprc"] == row["auprc"] and table.loc["noise", "auroc"] == row["auroc"]
+    assert list(detection_table(maps, lesion, brain).columns) == ["auroc", "auprc", "best_dice", "volume_auroc"]
+    with pytest.raises(ValueError, match="non-empty dict"):
+        detection_table({}, lesion, brain)
+
+
+def test_anomaly_panels_draws_the_image_and_every_map(cohort):
+    from gen3d_lessons.viz import anomaly_panels
+
+    i = 4                                                                      # a lesioned subject
+    fig = anomaly_panels({"FLAIR": cohort.image[i, 0], "a": cohort.image[i, 0], "b": -cohort.image[i, 0],
+                          "c": cohort.image[i, 0]}, cohort.lesion[i], cohort.brain[i], title="subject 4")
+    assert len(fig.axes) == 6 and [a.get_title() for a in fig.axes[:4]] == ["FLAIR", "a", "b", "c"]
+    k = int(cohort.lesion[i].sum((0, 1)).argmax())
+    assert f"z={k}" in fig._suptitle.get_text()                                 # the slice with the most lesion
+    with pytest.raises(ValueError, match="selects no voxel"):
+        anomaly_panels({"FLAIR": cohort.image[i, 0]}, cohort.lesion[i], torch.zeros_like(cohort.brain[i]))
+    with pytest.raises(ValueError, match="differs"):
+        anomaly_panels({"FLAIR": cohort.image[i, 0], "a": cohort.image[i, 0, :8]}, cohort.lesion[i], cohort.brain[i])

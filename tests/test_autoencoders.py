@@ -318,3 +318,234 @@ def test_unet_autoencoder_copies_through_its_skips():
     assert unet.encoder[0][0].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="skips"):
         unet.decode(z, skips[:1])
+
+
+# 5. Chapter 4's recipes, evaluations and checks ---------------------------------------------------
+
+from functools import partial                                            # noqa: E402
+from pathlib import Path                                                 # noqa: E402
+
+from gen3d_lessons.book import results as book_results                   # noqa: E402
+from gen3d_lessons.book.results import Checks                            # noqa: E402
+from gen3d_lessons.data.batches import Batches                           # noqa: E402
+from gen3d_lessons.metrics import reconstruction_scores, reconstruction_table   # noqa: E402
+from gen3d_lessons.models.encoder import Encoder3D, EncoderConfig        # noqa: E402
+from gen3d_lessons.tasks import counterfactual as CF                     # noqa: E402
+from gen3d_lessons.tasks import yardstick as Y                           # noqa: E402
+from gen3d_lessons.training import fit                                   # noqa: E402
+from gen3d_lessons.training.generative import train_autoencoder, train_vae   # noqa: E402
+
+
+def test_train_autoencoder_is_the_fit_of_ae_step_it_replaces():
+    x = volumes(4)
+    torch.manual_seed(0)
+    by_hand = tiny_ae()
+    opt = torch.optim.Adam(by_hand.parameters(), lr=1e-3)
+    h1 = fit(partial(ae_step, model=by_hand, optimizer=opt, noise_std=0.1),
+             Batches({"image": x}, 2, seed=0, augment=("image",)), max_steps=3, desc="AE")
+    torch.manual_seed(0)
+    recipe = tiny_ae()
+    h2 = train_autoencoder(recipe, x, steps=3, batch=2, lr=1e-3, noise_std=0.1)
+    assert h1.values["loss"] == h2.values["loss"] and h2.steps == 3
+    assert all(torch.equal(a, b) for a, b in zip(by_hand.state_dict().values(), recipe.state_dict().values()))
+
+
+def test_train_vae_is_the_fit_of_vae_step_and_needs_a_condition_exactly_for_a_cvae():
+    x, c = volumes(4), torch.randn(4, 2, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    by_hand = tiny_vae(cond_dim=2)
+    opt = torch.optim.Adam(by_hand.parameters(), lr=1e-3)
+    h1 = fit(partial(vae_step, model=by_hand, optimizer=opt, beta=0.5),
+             Batches({"image": x, "condition": c}, 2, seed=0, augment=("image",)), max_steps=3)
+    torch.manual_seed(0)
+    recipe = tiny_vae(cond_dim=2)
+    h2 = train_vae(recipe, x, c, steps=3, batch=2, lr=1e-3, beta=0.5)
+    assert h1.values == h2.values and {"loss", "mse", "kl"} <= set(h2.values)
+    with pytest.raises(ValueError, match="condition"):
+        train_vae(tiny_vae(), x, c, steps=1, batch=2, lr=1e-3)
+    with pytest.raises(ValueError, match="condition"):
+        train_vae(tiny_vae(cond_dim=2), x, steps=1, batch=2, lr=1e-3)
+
+
+def test_reconstruct_without_code_erases_the_ae_but_not_the_unets_skips():
+    torch.manual_seed(0)
+    ae, unet = tiny_ae(), UNetAutoencoder3D(AEConfig(size=S, channels=(8, 8), latent_dim=4, groups=4))
+    x = volumes(2)
+    erased = ae.reconstruct_without_code(x)
+    assert erased.shape == x.shape and torch.equal(erased[0], erased[1])         # nothing of x is left
+    assert torch.equal(erased, ae.decode(torch.zeros(2, 4)))
+    skipped = unet.reconstruct_without_code(x)
+    z, skips = unet.encode_with_skips(x)
+    assert torch.allclose(skipped, unet.decode(torch.zeros_like(z), skips)) and not torch.equal(skipped[0], skipped[1])
+    with pytest.raises(ValueError, match="x: expected"):
+        ae.reconstruct_without_code(x[:, :, :8])
+
+
+def test_vae_interpolate_decodes_the_line_between_two_posterior_means():
+    torch.manual_seed(0)
+    vae = tiny_vae().eval()
+    x = volumes(2)
+    path = vae.interpolate(x, torch.tensor([0.0, 0.5, 1.0]))
+    mu, _ = vae.encode(x)
+    assert path.shape == (3, 1, S, S, S)
+    assert torch.allclose(path[0], vae.reconstruct(x)[0], atol=1e-6) and torch.allclose(path[2], vae.reconstruct(x)[1], atol=1e-6)
+    assert torch.allclose(path[1], vae.decode(0.5 * mu[:1] + 0.5 * mu[1:])[0], atol=1e-6)
+    cvae = tiny_vae(cond_dim=2)
+    assert cvae.interpolate(x, torch.tensor([0.0, 1.0]), torch.zeros(2, 2)).shape == (2, 1, S, S, S)
+    with pytest.raises(ValueError, match="two end points"):
+        vae.interpolate(volumes(3), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="t: expected"):
+        vae.interpolate(x, torch.zeros(2, 1))
+
+
+def test_decode_at_ages_holds_the_code_and_moves_the_parents():
+    scm = make_scm()
+    z, ages = torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([30.0, 70.0])
+    grid = scm.decode_at_ages(z, ages)
+    assert grid.shape == (2, 3, 1, S, S, S)
+    v70 = scm.volume.predict([70.0], [0.0])                                       # the typical volume at 70
+    expected = scm.image_model.decode(z, scm.condition([70.0] * 3, v70.repeat(3)))
+    assert torch.allclose(grid[1], expected, atol=1e-6) and not torch.allclose(grid[0], grid[1])
+    with pytest.raises(ValueError, match="z: expected"):
+        scm.decode_at_ages(z[:, :2], ages)
+
+
+def test_reconstruction_scores_average_ssim_and_psnr_over_the_batch():
+    x = volumes(3)
+    mask = x > 0.3
+    noisy = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    s = reconstruction_scores(noisy, x, mask, region="brain")
+    assert list(s) == ["SSIM (brain)", "SSIM (volume)", "PSNR (brain, dB)"] and all(isinstance(v, float) for v in s.values())
+    assert reconstruction_scores(x, x, mask)["SSIM (brain)"] == pytest.approx(1.0)
+    assert 0 < s["SSIM (brain)"] < 1 and 20 < s["PSNR (brain, dB)"] < 30                  # σ = 0.05: about 26 dB
+    table = reconstruction_table({"noisy": noisy, "same": x}, x, mask, region="mask")
+    assert list(table.index) == ["noisy", "same"] and list(table.columns)[0] == "SSIM (mask)"
+    assert table.loc["noisy", "PSNR (mask, dB)"] == s["PSNR (brain, dB)"]
+    with pytest.raises(ValueError, match="one shape"):
+        reconstruction_scores(noisy[:2], x, mask)
+    with pytest.raises(ValueError, match="outputs"):
+        reconstruction_table({}, x, mask)
+
+
+def _fake_encoder(size=S):
+    """A YardstickEncoder around an untrained network: cheap, deterministic, the right interface."""
+    torch.manual_seed(0)
+    cfg = EncoderConfig(size=size, feature_dim=16)
+    return Y.YardstickEncoder(model=Encoder3D(cfg).eval(), config=cfg, data={}, training={}, heldout={},
+                              targets={"age_mean": 50.0, "age_std": 10.0, "vol_mean": [0.0] * 3, "vol_std": [1.0] * 3},
+                              path=Path("unused.pt"))
+
+
+def test_to_encoder_size_and_compare_samples():
+    enc = _fake_encoder()
+    small = volumes(2)[:, :, ::2, ::2, ::2]                                        # 8³
+    assert Y.to_encoder_size(small, enc).shape == (2, 1, S, S, S)
+    same = volumes(2)
+    assert Y.to_encoder_size(same, enc) is same
+    with pytest.raises(ValueError, match="volumes"):
+        Y.to_encoder_size(same[:, 0], enc)
+    train, heldout = volumes(6, seed=1), volumes(3, seed=2)
+    rows = Y.compare_samples({"model": volumes(3, seed=3)[:, :, ::2, ::2, ::2]}, train, heldout, enc)
+    assert list(rows) == ["held-out real", "mean + noise", "copy of training", "model"]
+    direct = Y.evaluate_samples(Y.to_encoder_size(volumes(3, seed=3)[:, :, ::2, ::2, ::2], enc), reference=train,
+                                train=train, heldout=heldout, encoder=enc)
+    assert rows["model"] == direct
+    with pytest.raises(ValueError, match="samples"):
+        Y.compare_samples({}, train, heldout, enc)
+
+
+def test_copy_test_scores_held_out_upside_down_and_erased():
+    torch.manual_seed(0)
+    ae = tiny_ae()
+    x = volumes(2)
+    mask = x > 0.2
+    table, out = CF.copy_test({"AE": ae}, x, mask)
+    assert list(table.index) == ["AE"] and list(table.columns) == ["held-out", "upside down", "bottleneck erased"]
+    assert torch.equal(out["AE"]["upside down"], ae.reconstruct(x.flip(4)))
+    assert table.loc["AE", "upside down"] == reconstruction_scores(out["AE"]["upside down"], x.flip(4), mask.flip(4))["SSIM (brain)"]
+    assert torch.equal(out["AE"]["bottleneck erased"][0], out["AE"]["bottleneck erased"][1])
+    with pytest.raises(ValueError, match="flip_dim"):
+        CF.copy_test({"AE": ae}, x, mask, flip_dim=1)
+    with pytest.raises(ValueError, match="x, mask"):
+        CF.copy_test({"AE": ae}, x, mask[:1])
+
+
+def test_judge_counterfactuals_scores_the_truth_perfectly_and_doing_nothing_at_zero():
+    observed = volumes(2)
+    truth = observed + 0.1 * volumes(2, seed=5)
+    mask = torch.ones_like(observed, dtype=torch.bool)
+    table = CF.judge_counterfactuals({"no change": observed, "truth": truth, "half": (observed + truth) / 2},
+                                     observed, truth, mask, _fake_encoder())
+    assert list(table.columns) == ["RMSE (brain)", "change correlation", "share of the change", "encoder's age"]
+    assert table.loc["truth", "RMSE (brain)"] == 0 and table.loc["truth", "share of the change"] == pytest.approx(1.0)
+    assert table.loc["truth", "change correlation"] == pytest.approx(1.0)
+    assert table.loc["no change", "share of the change"] == 0 and np.isnan(table.loc["no change", "change correlation"])
+    assert table.loc["half", "share of the change"] == pytest.approx(0.75)               # 1 - (1/2)²
+    with pytest.raises(ValueError, match="half"):
+        CF.judge_counterfactuals({"half": truth[:1]}, observed, truth, mask, _fake_encoder())
+
+
+@pytest.fixture(scope="module")
+def tiny_brains(tmp_path_factory):
+    from gen3d_lessons.data.brain import make_brain_dataset
+    return make_brain_dataset(tmp_path_factory.mktemp("ch04") / "brain", n=5, size=16, test_fraction=0.4, progress=False)
+
+
+def test_load_cohort_and_its_subsets(tiny_brains):
+    train, test = (CF.load_cohort(tiny_brains, split, size=S) for split in ("train", "test"))
+    assert len(train) == 3 and len(test) == 2 and train.x.shape == (3, 1, S, S, S) and train.brain.dtype == torch.bool
+    assert train.age.dtype == torch.float32 and train.site.dtype == torch.int64 and (train.ventricles >= 0).all()
+    assert [r.attributes["age"] for r in train.records] == pytest.approx(train.age.tolist())
+    first, old = train[:1], train[train.age > train.age.min()]
+    assert len(first) == 1 and torch.equal(first.x, train.x[:1]) and first.records == train.records[:1]
+    assert len(old) == 2 and old.records == [r for r, a in zip(train.records, train.age) if a > train.age.min()]
+    assert train[torch.tensor([2, 0])].records == [train.records[2], train.records[0]]
+    with pytest.raises(ValueError, match="keep"):
+        train[torch.tensor([True])]
+
+
+def test_phantom_at_age_re_renders_the_stored_brains_at_their_own_age(tiny_brains):
+    test = CF.load_cohort(tiny_brains, "test", size=S)
+    x, v = CF.phantom_at_age(tiny_brains, test.records, test.age, size=S)
+    assert x.shape == test.x.shape and (x - test.x).abs().max() < 1e-3                  # stored as scaled int16
+    assert torch.allclose(v, test.ventricles)
+    older, _ = CF.phantom_at_age(tiny_brains, test.records, test.age + 20, size=S)
+    assert not torch.allclose(older, x)
+    with pytest.raises(ValueError, match="one age per record"):
+        CF.phantom_at_age(tiny_brains, test.records, test.age[:1], size=S)
+
+
+def test_age_counterfactuals_judges_four_answers_and_the_truth(tiny_brains):
+    train, test = (CF.load_cohort(tiny_brains, split, size=S) for split in ("train", "test"))
+    test.ventricles = torch.tensor([20.0, 30.0])                  # positive volumes for the tiny brains' mechanism
+    scm = make_scm()
+    glm = VoxelwiseAgeModel().fit(train.x, train.age)
+    table, answers, s = CF.age_counterfactuals(scm, glm, test, years=20, folder=tiny_brains, encoder=_fake_encoder())
+    names = ["no change", "voxel-wise age model", "deep SCM, decoder mean only", "deep SCM", "phantom (truth)"]
+    assert list(table.index) == names and list(answers) == names
+    assert torch.equal(answers["phantom (truth)"], CF.phantom_at_age(tiny_brains, test.records, test.age + 20, size=S)[0])
+    assert s["share_lin"] == table.loc["voxel-wise age model", "share of the change"]
+    assert s["rmse_none"] == table.loc["no change", "RMSE (brain)"] and s["shift_true"] == pytest.approx(
+        table.loc["phantom (truth)", "encoder's age"] - table.loc["no change", "encoder's age"])
+    assert set(s) == {"v_err", "v_err_none", "v_true", "shift_scm", "shift_true", "cos_scm", "cos_lin",
+                      "share_scm", "share_lin", "rmse_scm", "rmse_mean", "rmse_none"}
+
+
+def test_checks_record_each_comparison_and_glue_what_the_page_says(monkeypatch):
+    glued = {}
+    monkeypatch.setattr(book_results, "glue_values", lambda **kw: glued.update(kw))
+    check = Checks(dict(gain=0.0, rises=True), dict(gain=-0.1), glue_prefix="chX_")
+    assert check("gain", "network minus PCA", 0.25, says=("ahead of", "behind")) == 0.25
+    check("rises", "PCA rises with k", False, says=("rises", "does not rise"))
+    check("ratio", "a row that only describes", 1.5, higher_is_better=False)
+    assert check[0] == dict(metric="network minus PCA", value=0.25, goal=0.0, gate=-0.1, higher_is_better=True)
+    assert check[2]["goal"] is None and check[2]["gate"] is None and len(check) == 3
+    assert glued["chX_gain"] == 0.25 and glued["chX_gain_goal"] == 0.0 and glued["chX_gain_says"] == "ahead of"
+    assert glued["chX_rises_says"] == "does not rise" and glued["chX_ratio"] == 1.5 and "chX_ratio_goal" not in glued
+    head = check.headline("gain", "the headline", -0.5, says=("meets", "misses"))
+    assert head["value"] == -0.5 and len(check) == 3 and glued["chX_gain_says"] == "misses"
+    with pytest.raises(ValueError, match="needs a goal"):
+        check("ratio", "no goal to say anything about", 1.0, says=("a", "b"))
+    with pytest.raises(ValueError, match="glue_prefix"):
+        Checks(dict(gain=0.0))("gain", "no prefix", 1.0, says=("a", "b"))
+    assert Checks(dict(gain=0.0))("gain", "no glue without a prefix", 1.0) == 1.0

@@ -9,12 +9,13 @@ from functools import partial
 import pytest
 import torch
 
-from gen3d_lessons.models.pixelcnn import (MaskedConv3d, PixelCNN3D, PixelCNNConfig, VoxelHistogram, causal_mask,
-                                           dequantise, quantise, receptive_field, uniform_nll_bits)
+from gen3d_lessons.models.pixelcnn import (ALPHAS, MaskedConv3d, PixelCNN3D, PixelCNNConfig, VoxelHistogram,
+                                           causal_mask, dequantise, quantise, receptive_field, uniform_nll_bits,
+                                           validated_histogram)
 from gen3d_lessons.models.vqvae import (CodeTransformer, TransformerConfig, VQVAE3D, VQVAEConfig, to_grid,
                                         to_sequence)
 from gen3d_lessons.training import fit, load_model, save_model
-from gen3d_lessons.training.autoregressive import pixelcnn_step, transformer_step, vqvae_step
+from gen3d_lessons.training.autoregressive import code_grids, pixelcnn_step, transformer_step, vqvae_step
 
 L = 4
 
@@ -167,6 +168,54 @@ def test_histogram_baseline_counts_with_laplace_smoothing():
     assert uniform_nll_bits(8) == 3.0
 
 
+def test_validated_histogram_chooses_alpha_on_the_validation_volumes_then_counts_all():
+    torch.manual_seed(0)
+    x = torch.randint(0, L, (10, 1, 3, 3, 3))
+    x[:, :, 0] = 1                                             # one plane always at level 1: little smoothing wins
+    val = torch.arange(10) % 5 == 0
+    hist, scores = validated_histogram(x, L, validation=val, alphas=(2.0, 0.5, 0.05))
+    assert list(scores) == [2.0, 0.5, 0.05]
+    for a, bits in scores.items():                             # each score: counted without, scored on, the validation
+        assert bits == VoxelHistogram(L, a).fit(x[~val]).nll_bits(x[val]).mean().item()
+    best = min(scores, key=scores.get)
+    assert hist.alpha == best and torch.equal(hist.log_p, VoxelHistogram(L, best).fit(x).log_p)   # then all of x
+    assert validated_histogram(x, L, validation=val)[1].keys() == set(ALPHAS)
+
+
+def test_validated_histogram_rejects_bad_input():
+    x = torch.zeros(4, 1, 2, 2, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="bool mask"):
+        validated_histogram(x, L, validation=torch.tensor([0, 1, 0, 0]))
+    with pytest.raises(ValueError, match="bool mask"):
+        validated_histogram(x, L, validation=torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="at least one"):
+        validated_histogram(x, L, validation=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="alphas"):
+        validated_histogram(x, L, validation=torch.tensor([True, False, False, False]), alphas=())
+    with pytest.raises(ValueError, match="integer levels"):
+        validated_histogram(x.float(), L, validation=torch.tensor([True, False, False, False]))
+
+
+def test_receptive_field_figure_draws_the_planes_up_to_the_voxel():
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from gen3d_lessons.viz import plot_receptive_field
+
+    seen = receptive_field(_pixelcnn(n_layers=3), (6, 6, 6), (3, 3, 3))
+    fig = plot_receptive_field(seen, (3, 3, 3), radius=2)
+    assert isinstance(fig, Figure) and [a.get_title() for a in fig.axes] == ["plane d-2", "plane d-1", "current plane d"]
+    assert fig.axes[2].images[0].get_array().shape == (5, 5)   # ± radius around (h, w)
+    edge = plot_receptive_field(seen, (1, 0, 5), radius=3, planes=2)   # crops stay inside the volume
+    assert len(edge.axes) == 2 and edge.axes[1].images[0].get_array().shape == (4, 4)
+    for bad in (dict(voxel=(6, 0, 0)), dict(voxel=(0, 0)), dict(voxel=(1, 1, 1), planes=3), dict(voxel=(1, 1, 1), radius=-1)):
+        with pytest.raises(ValueError):
+            plot_receptive_field(seen, **{"radius": 2, **bad})
+    with pytest.raises(ValueError, match="D, H, W"):
+        plot_receptive_field(seen[0], (0, 0))
+
+
 # 4. VQ-VAE and code transformer -------------------------------------------------------------------
 
 def test_vqvae_step_and_codes():
@@ -179,6 +228,19 @@ def test_vqvae_step_and_codes():
     assert k.shape == (2, 2, 2, 2) and vq.decode_codes(k).shape == x.shape
     with pytest.raises(ValueError, match="multiples"):
         vq.encode(torch.rand(1, 1, 7, 8, 8))
+
+
+def test_code_grids_are_the_codes_of_the_volumes_and_their_mirror_images():
+    torch.manual_seed(0)
+    vq = VQVAE3D(VQVAEConfig(channels=(8, 8), num_embeddings=8, embedding_dim=4, groups=4)).eval()
+    x = torch.rand(3, 1, 8, 8, 8)
+    k = code_grids(vq, x)
+    assert k.shape == (3, 2, 2, 2) and k.dtype == torch.long and k.device.type == "cpu"
+    assert torch.equal(k, vq.codes(x))
+    both = code_grids(vq, x, mirror=True)                      # the volumes, then their mirror images
+    assert both.shape == (6, 2, 2, 2) and torch.equal(both[:3], k) and torch.equal(both[3:], vq.codes(x.flip(2)))
+    with pytest.raises(ValueError, match=r"\(N, C, D, H, W\)"):
+        code_grids(vq, x[0])
 
 
 def test_vqvae_and_transformer_save_and_load(tmp_path):

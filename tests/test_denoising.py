@@ -193,3 +193,101 @@ def test_classical_denoisers_help_and_choice_uses_validation():
         bd.nlm_denoise(noisy, 0)
     with pytest.raises(ValueError, match="x: expected a 3D"):
         bd.gaussian_denoise(noisy[0], 1.0)
+
+
+# the chapter's recipes (training/denoising.py) ------------------------------------------------------
+
+def test_train_mse_and_red_wgan_recipes_train_in_place():
+    from gen3d_lessons.training.denoising import tenths, train_mse, train_red_wgan
+    torch.manual_seed(0)
+    net = RED3D(SMALL)
+    history = train_mse(net, [pairs()], lr=3e-3, max_steps=8)
+    assert history.steps == 8 and history.values["mse"][-1] < history.values["mse"][0]
+    before = [p.clone() for p in net.parameters()]
+    critic = Critic3D(CriticConfig(channels=(4, 8)))
+    h = train_red_wgan(net, critic, [pairs()], max_steps=4, critic_warmup=2)
+    assert h.steps == 4 and np.isnan(h.values["mse"][:2]).all() and np.isfinite(h.values["mse"][2:]).all()
+    assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    first, last = tenths(h, "w_dist")
+    assert first == h.values["w_dist"][0] and last == h.values["w_dist"][-1]     # 4 steps: a tenth is one step
+    assert np.isnan(tenths(h, "mse")[0]) and tenths(h, "mse")[1] == h.values["mse"][-1]
+    assert all(np.isnan(tenths(h, "never")))
+    with pytest.raises(ValueError, match="History"):
+        tenths({"w_dist": [1.0]}, "w_dist")
+
+
+def test_tenths_means_over_a_tenth_of_the_run():
+    from gen3d_lessons.training import History
+    from gen3d_lessons.training.denoising import tenths
+    h = History()
+    for v in range(20):
+        h.record({"loss": float(v)})
+    assert tenths(h, "loss") == (0.5, 18.5)                              # steps 0-1 and 18-19
+
+
+# the task: data, methods, scores (tasks/denoise.py) --------------------------------------------------
+
+def test_volume_arrays_and_data_facts():
+    from gen3d_lessons.tasks.denoise import data_facts, volume_arrays
+    item = {k: torch.as_tensor(v, dtype=torch.float32)[None] for k, v in zip(("lowdose", "image"), phantom()[1::-1])}
+    item["label"] = torch.as_tensor(phantom()[2], dtype=torch.int64)[None]
+    x, y, m = volume_arrays(iter([item, item]))                        # any iterable, read once
+    assert len(x) == 2 and x[0].shape == (16, 16, 16) and m[0].dtype == bool and np.array_equal(y[0], item["image"][0])
+    facts = data_facts(x, y, m)
+    assert list(facts.columns) == ["noise σ, full dose", "noise σ, low dose", "PSNR low dose (dB)",
+                                   "PSNR of the blur alone (dB)"] and len(facts) == 2
+    assert facts["noise σ, low dose"][0] > facts["noise σ, full dose"][0]         # the noisy one is the low dose
+    with pytest.raises(ValueError, match="keys"):
+        volume_arrays([{"image": item["image"]}])
+    with pytest.raises(ValueError, match="lengths"):
+        data_facts(x, y[:1], m)
+
+
+def test_denoisers_score_table_and_ahead_of():
+    from gen3d_lessons.tasks.denoise import SCORE_COLUMNS, ahead_of, denoisers, score_table
+    clean, noisy, mask = phantom(noise=0.15)
+    noisy = np.clip(noisy, 0, 1).astype(np.float32)                     # intensities as the networks expect
+    net = RED3D(SMALL)                                                  # untrained: the identity
+    methods = denoisers({"net": net}, gaussian={"sigma": 0.8}, nlm={"h_factor": 0.8, "patch_distance": 1})
+    assert list(methods) == ["low dose", "Gaussian", "non-local means", "net, one pass", "net"]
+    outputs = {name: [f(noisy)] for name, f in methods.items()}
+    assert np.allclose(outputs["net"][0], noisy, atol=1e-6) and outputs["low dose"][0] is noisy
+    table = score_table(outputs, [clean], [mask])
+    assert list(table.columns) == list(SCORE_COLUMNS) and list(table.index) == list(methods)
+    assert table.loc["Gaussian", "PSNR (dB)"] == pytest.approx(scores(outputs["Gaussian"][0], clean, mask)["psnr"])
+    ahead = ahead_of(table, ["Gaussian", "non-local means"], ["low dose"])
+    assert set(ahead) == {"PSNR (dB)", "SSIM", "RMSE", "RMSE at edges", "RMSE on flat tissue"} and ahead["PSNR (dB)"]
+    assert not any(ahead_of(table, ["low dose"], ["Gaussian"], columns=("PSNR (dB)", "RMSE")).values())
+    with pytest.raises(ValueError, match="better direction"):
+        ahead_of(table, ["Gaussian"], ["low dose"], columns=("sharpness",))
+    with pytest.raises(ValueError, match="methods"):
+        ahead_of(table, ["median"], ["low dose"])
+    with pytest.raises(ValueError, match="nets"):
+        denoisers({}, gaussian={}, nlm={})
+    with pytest.raises(ValueError, match="outputs"):
+        score_table({}, [clean], [mask])
+
+
+def test_added_detail_table_and_steepest_edge():
+    from gen3d_lessons.metrics import line_profile
+    from gen3d_lessons.metrics.image import steepest_slope
+    from gen3d_lessons.tasks.denoise import ADDED_COLUMNS, added_detail_table, steepest_edge
+    clean, noisy, mask = phantom(size=24, noise=0.05)
+    blurred = bd.gaussian_denoise(noisy, 1.5)
+    table = added_detail_table([clean, clean], [blurred, blurred], [clean, clean], [mask, mask], name="sharp − blurred")
+    assert list(table.columns) == list(ADDED_COLUMNS) and list(table.index) == ["sharp − blurred"]
+    assert table.iloc[0, 1] == pytest.approx(1.0)                  # what it adds is exactly what was missing
+    edge = steepest_edge(clean, mask, 12, reach=4)
+    assert edge.box[2] == slice(None) and edge.center[2] == 12
+    assert np.linalg.norm(edge.end - edge.start) == pytest.approx(8) and edge.start[2] == edge.end[2] == 12
+    sharp, soft = (line_profile(v, edge.start, edge.end, n=33) for v in (clean, blurred))    # 4 samples per voxel
+    assert steepest_slope(sharp, 4) > steepest_slope(soft, 4) > 0
+    assert steepest_slope([0.0, 0.5, 0.6], samples_per_voxel=2) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="eroded|erosions"):
+        steepest_edge(clean, np.zeros_like(mask), 12)
+    with pytest.raises(ValueError, match="index"):
+        steepest_edge(clean, mask, 24)
+    with pytest.raises(ValueError, match="lengths"):
+        added_detail_table([clean], [], [clean], [mask])
+    with pytest.raises(ValueError, match="profile"):
+        steepest_slope([1.0])

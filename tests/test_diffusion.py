@@ -258,3 +258,127 @@ def test_diffusion_step_takes_a_tensor_or_a_dict_and_rejects_others(sched):
         step(torch.full((4, 3), float("nan")), 4)
     with pytest.raises(ValueError, match="decay"):
         ema_of(net, 1.5)
+
+
+# 6. What chapter 5 does with the step: cost, first stage, probes, samplers, FD over draws ------
+
+from types import SimpleNamespace
+
+from gen3d_lessons.models.vae import VAE3D, VAEConfig
+from gen3d_lessons.tasks import yardstick
+from gen3d_lessons.training.diffusion import (PROBE_KEYS, DenoiserCost, denoiser_cost, fit_latent_diffusion,
+                                              latent_probe, load_or_train_vae, probe_table, probed_diffusion_step,
+                                              sampler_sweep)
+from gen3d_lessons.viz import quality_vs_cost
+
+
+def tiny_latent_net(z=3, seed=0):
+    torch.manual_seed(seed)
+    return LatentDenoiser(LatentDenoiserConfig(latent_dim=z, hidden=8, depth=1, time_dim=4))
+
+
+def test_denoiser_cost_times_a_step_and_a_call(sched):
+    net = pixel_denoiser(PixelDenoiserConfig(channels=(8, 8), attention_levels=(False, False)))
+    cost = denoiser_cost(net, sched, n=3, edge=8, batch=2)
+    assert isinstance(cost, DenoiserCost) and cost.step_s > 0 and cost.call_s > 0 and (cost.n, cost.batch) == (3, 2)
+    assert cost.train_hours(3600) == pytest.approx(cost.step_s) and cost.sample_minutes(60) == pytest.approx(cost.call_s)
+    table = cost.table()
+    assert list(table.columns) == ["seconds", "hours"] and len(table) == 5
+    assert table.seconds.iloc[1] == pytest.approx(1e5 * cost.step_s) and table.hours.iloc[0] == pytest.approx(cost.step_s / 3600)
+    with pytest.raises(ValueError, match="n, batch"):
+        denoiser_cost(net, sched, n=0, edge=8)
+
+
+def test_load_or_train_vae_trains_when_missing_and_loads_a_matching_file(tmp_path):
+    cfg = VAEConfig(size=8, channels=(8,), latent_dim=2)
+    x = torch.rand(4, 1, 8, 8, 8)
+    kw = dict(device="cpu", steps=2, batch=2, lr=1e-3)
+    vae, loaded = load_or_train_vae(tmp_path / "missing.pt", cfg, x, **kw)
+    assert not loaded and not vae.training and not any(p.requires_grad for p in vae.parameters())
+    torch.manual_seed(0)                                         # what it did: chapter 4's recipe from seed 0
+    again = VAE3D(cfg)
+    from gen3d_lessons.training.generative import train_vae
+    train_vae(again, x, steps=2, batch=2, lr=1e-3)
+    for p, q in zip(vae.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(p, q)
+    path = save_model(tmp_path / "vae.pt", vae, cfg)
+    back, loaded = load_or_train_vae(path, cfg, x, **kw)
+    assert loaded and torch.equal(back.decode(torch.zeros(1, 2)), vae.decode(torch.zeros(1, 2)))
+    other, loaded = load_or_train_vae(path, VAEConfig(size=8, channels=(8,), latent_dim=3), x, **kw)   # another profile's file
+    assert not loaded and other.cfg.latent_dim == 3
+
+
+def test_latent_probe_measures_fd_and_memorisation_of_fixed_draws(sched):
+    train, heldout = torch.randn(20, 3), torch.randn(6, 3)
+    probe = latent_probe(sched, 8, clip_x0=3.0, to_code=lambda z: z * 2, codes=(train, heldout), fd=lambda z: float(z.std()))
+    a, b = probe(tiny_latent_net()), probe(tiny_latent_net())
+    assert set(a) == set(PROBE_KEYS) and a == b                  # the same noise at every call
+    copier = lambda z, t: (z - extract(sched.sqrt_alpha_bar, t, z.shape) * train[:len(z)] / 2) / extract(
+        sched.sqrt_one_minus_alpha_bar, t, z.shape)              # a perfect predictor of the training codes
+    assert probe(copier)["latent_mem_ratio"] < 0.05 < a["latent_mem_ratio"]
+    with pytest.raises(ValueError, match="codes"):
+        latent_probe(sched, 8, clip_x0=None, to_code=lambda z: z, codes=(train, heldout[:, :2]), fd=lambda z: 0.0)
+
+
+def test_probed_step_probes_on_schedule_and_keeps_a_copy(sched):
+    net = tiny_latent_net()
+    ema, opt, kept, seen = ema_of(net, 0.9), torch.optim.SGD(net.parameters(), 0.01), {}, []
+    probe = lambda m: seen.append(m) or {"FD": 1.0}
+    step = partial(probed_diffusion_step, model=net, schedule=sched, optimizer=opt, ema=ema, probe=probe, every=3, at=(5,),
+                   keep_at=4, kept=kept)
+    outs = [step(torch.randn(4, 3), i) for i in range(6)]
+    assert [("FD" in o) for o in outs] == [False, False, True, False, True, True]     # after steps 3, 5 and 6
+    assert all(m is ema.module for m in seen) and kept["model"] is not ema.module and not kept["model"].training
+    with pytest.raises(ValueError, match="kept"):
+        probed_diffusion_step(torch.randn(4, 3), 0, model=net, schedule=sched, optimizer=opt, ema=ema, probe=probe, every=3,
+                              keep_at=1)
+
+
+def test_fit_latent_diffusion_keeps_the_chosen_step_and_tables_the_probes(sched):
+    latents = torch.randn(16, 3)
+    probe = lambda m: {"FD": float(sum(p.detach().abs().sum() for p in m.parameters())), "latent_mem_ratio": 1.0, "latent_mem_frac": 0.0}
+    history, kept = fit_latent_diffusion(tiny_latent_net(), sched, latents, probe=probe, every=4, keep_at=3, max_steps=10, batch=8)
+    assert history.steps == 10 and not kept.training
+    table = probe_table(history, 3)
+    assert list(table.index) == [3, 10] and table["latent check"].all()             # first probe = kept step; the last
+    assert table.loc[3, "FD"] == pytest.approx(float(sum(p.detach().abs().sum() for p in kept.parameters())), rel=1e-5)
+    again, _ = fit_latent_diffusion(tiny_latent_net(), sched, latents, probe=probe, every=4, keep_at=3, max_steps=10, batch=8)
+    assert again.values["loss"] == history.values["loss"]                          # seeded batches
+    with pytest.raises(ValueError, match="keep_at"):
+        fit_latent_diffusion(tiny_latent_net(), sched, latents, probe=probe, every=4, keep_at=11, max_steps=10)
+    with pytest.raises(ValueError, match="no probe"):
+        probe_table(history, 5)
+
+
+def test_sampler_sweep_scores_every_sampler_from_the_same_noise(sched):
+    net = tiny_latent_net()
+    samplers = {"DDIM-5": dict(steps=5), "DDIM-20": dict(steps=20), "ancestral": dict(steps=20, eta=1.0), "DDPM": None}
+    table, z, scores = sampler_sweep(sched, net, (12, 3), samplers, score=lambda z: z.std(1).numpy())
+    assert list(table.index) == list(samplers) and list(table.columns) == ["network calls", "seconds", "FD", "FD (std)"]
+    assert table["network calls"].tolist() == [5, 20, 20, sched.T]
+    assert z["DDIM-5"].shape == (12, 3) and scores["DDPM"].shape == (12,)
+    assert table.loc["DDPM", "FD"] == pytest.approx(scores["DDPM"].mean())
+    again, z2, _ = sampler_sweep(sched, net, (12, 3), samplers, score=lambda z: z.std(1).numpy())
+    assert all(torch.equal(z[k], z2[k]) for k in samplers)                          # the same x_T and noise
+    fig = quality_vs_cost(table, {"DDIM": ["DDIM-5", "DDIM-20"]}, {"baseline": 1.0})
+    assert len(fig.axes[0].containers) == 3 and len(fig.axes[0].lines) >= 1      # one line, two markers, the baseline
+    with pytest.raises(ValueError, match="connect"):
+        quality_vs_cost(table, {"DDIM": ["DDIM-7"]})
+    with pytest.raises(ValueError, match="missing"):
+        quality_vs_cost({"a": {"FD": 1.0}})
+
+
+def test_fd_of_draws_and_draws_table():
+    enc = SimpleNamespace(config=SimpleNamespace(size=4), features=lambda x: x.flatten(1)[:, :3].double().numpy())
+    torch.manual_seed(0)
+    ref = enc.features(torch.rand(30, 1, 4, 4, 4))
+    draws = [torch.rand(10, 1, 8, 8, 8), torch.rand(10, 1, 4, 4, 4) + 1]               # any size; the second far off
+    fds = yardstick.fd_of_draws(draws, enc, ref)
+    assert fds.shape == (2,) and fds[1] > fds[0] >= 0
+    table = yardstick.draws_table({"mean + noise": fds, "model": fds / 2})
+    assert list(table.columns) == ["FD", "FD (std)", "/ mean + noise"]
+    assert table.loc["model", "/ mean + noise"] == pytest.approx(0.5) and table.loc["model", "FD"] == pytest.approx(fds.mean() / 2)
+    with pytest.raises(ValueError, match="baseline"):
+        yardstick.draws_table({"model": fds})
+    with pytest.raises(ValueError, match="at least one"):
+        yardstick.fd_of_draws([], enc, ref)

@@ -291,3 +291,194 @@ def test_noise_injection_starts_off_and_stylegan_generates():
     assert count_parameters(g) > 0 and g.sample(1, torch.zeros(1, 1)).shape == (1, 1, S, S, S)
     with pytest.raises(ValueError, match=r"x: expected shape \(B, 16"):
         g.blocks[0].conv(torch.randn(1, 3, 4, 4, 4), torch.randn(1, 8))
+
+
+# Chapter 3's recipe: batches, Adam settings, the probe read back, pix2pix and CycleGAN runs ---------
+
+from gen3d_lessons.training.fit import History                                      # noqa: E402
+from gen3d_lessons.training.gan import (ADAM, LOSSES, gan_batches, probe_summary, train_cyclegan,  # noqa: E402
+                                        train_pix2pix)
+
+
+def test_set_template_returns_the_generator():
+    g = small_g(template=True)
+    assert g.set_template(torch.full((1, S, S, S), 0.5)) is g
+    assert torch.allclose(g.template, torch.zeros_like(g.template), atol=1e-6)       # logit(0.5) = 0
+
+
+def test_adam_settings_and_gan_batches():
+    assert set(ADAM) == set(LOSSES) and ADAM["ns"]["lr_d"] < ADAM["ns"]["lr_g"]       # the slower discriminator
+    images, c = torch.rand(6, 1, S, S, S), torch.randn(6, 4)
+    got = next(iter(gan_batches(images, 3, seed=5, condition=c)))
+    want = next(iter(Batches({"image": images, "condition": c}, 3, seed=5, augment=("image",))))
+    assert set(got) == {"image", "condition"} and all(torch.equal(got[k], want[k]) for k in want)
+    assert set(next(iter(gan_batches(images, 3, seed=5, device="cpu")))) == {"image"}
+    with pytest.raises(ValueError, match="one row per image"):
+        gan_batches(images, 3, seed=0, condition=c[:5])
+
+
+def test_probe_summary_reads_first_lowest_and_last():
+    h = History()
+    for v in (None, 3.0, None, 1.0, None, 2.0):
+        h.record({"d_loss": 0.0} if v is None else {"d_loss": 0.0, "fd": v})
+    assert probe_summary(h) == dict(first=3.0, first_step=2, best=1.0, best_step=4, last=2.0, last_step=6)
+    with pytest.raises(ValueError, match="never recorded"):
+        probe_summary(h, "kid")
+    empty = History()
+    empty.record({"fd": math.nan})
+    with pytest.raises(ValueError, match="never ran"):
+        probe_summary(empty)
+
+
+def _pix2pix_nets():
+    torch.manual_seed(3)
+    return (UNet3D(UNetConfig(in_channels=1, out_channels=1, features=(4, 8))),
+            PatchCritic3D(PatchDiscriminatorConfig(in_channels=2, features=(4, 8))))
+
+
+def test_train_pix2pix_equals_its_steps_by_hand():
+    x, y = torch.rand(2, 1, S, S, S), torch.rand(2, 1, S, S, S)
+    g, d = _pix2pix_nets()
+    history = train_pix2pix(g, d, [{"x": x, "y": y}], max_steps=2)
+    g2, d2 = _pix2pix_nets()
+    og, od = (torch.optim.Adam(m.parameters(), 2e-3, betas=(0.5, 0.999)) for m in (g2, d2))
+    by_hand = [pix2pix_step({"x": x, "y": y}, i, generator=g2, discriminator=d2, opt_g=og, opt_d=od)["l1"] for i in range(2)]
+    assert history.values["l1"] == by_hand and history.steps == 2
+
+
+def test_train_cyclegan_equals_its_step_by_hand():
+    batch = {"x": torch.rand(2, 1, S, S, S), "y": torch.rand(2, 1, S, S, S)}
+
+    def nets():
+        torch.manual_seed(4)
+        return ([UNet3D(UNetConfig(in_channels=1, out_channels=1, features=(4, 8))) for _ in range(2)]
+                + [PatchCritic3D(PatchDiscriminatorConfig(in_channels=1, features=(4, 8))) for _ in range(2)])
+
+    history = train_cyclegan(*nets(), [batch], max_steps=1)
+    g_xy, g_yx, d_x, d_y = nets()
+    og = torch.optim.Adam(itertools.chain(g_xy.parameters(), g_yx.parameters()), 2e-4)
+    od = torch.optim.Adam(itertools.chain(d_x.parameters(), d_y.parameters()), 2e-4)
+    out = cyclegan_step(batch, 0, generator_xy=g_xy, generator_yx=g_yx, discriminator_x=d_x, discriminator_y=d_y,
+                        opt_g=og, opt_d=od)
+    assert {k: v[0] for k, v in history.values.items()} == out
+
+
+# The yardstick's reading of a table (tasks/yardstick.py) ------------------------------------------
+
+from gen3d_lessons.tasks import yardstick as Y                                      # noqa: E402
+
+
+def _row(fd, one_nn=0.7, ms_ssim=0.3, mem_ratio=1.0, mem_frac=0.0):
+    return dict(fd=fd, kid=fd / 10, mmd=fd / 20, ms_ssim=ms_ssim, one_nn=one_nn, mem_ratio=mem_ratio, mem_frac=mem_frac)
+
+
+ROWS = {"held-out real": _row(1.0, 0.5), "mean + noise": _row(4.0, 1.0), "PCA Gaussian samples": _row(2.0),
+        "vanilla GAN": _row(3.0, mem_ratio=0.5, mem_frac=0.5), "WGAN-GP": _row(1.5, 0.6)}
+
+
+def test_ratio_table_row_summary_and_metrics():
+    t = Y.ratio_table(ROWS)
+    assert list(t.index) == list(ROWS) and t.loc["WGAN-GP", "FD / baseline"] == 1.5 / 4.0
+    assert list(t["memorisation check"]) == ["pass", "pass", "pass", "fail", "pass"]
+    assert Y.row_summary(ROWS, "WGAN-GP") == {"ratio": 1.5 / 4.0, "one_nn": 0.6, "ms_ssim": 0.3, "mem_ratio": 1.0}
+    m = Y.table_metrics(ROWS, ["vanilla GAN", "WGAN-GP"])
+    assert m["FD PCA Gaussian samples"] == 2.0 and m["FD ratio vanilla GAN"] == 3.0 / 4.0
+    assert m["1-NN held-out real"] == 0.5 and set(k for k in m if k.startswith("mem_ratio")) == {
+        "mem_ratio vanilla GAN", "mem_ratio WGAN-GP", "mem_ratio PCA Gaussian samples"}
+    with pytest.raises(ValueError, match="baseline"):
+        Y.ratio_table({"a": _row(1.0)})
+    with pytest.raises(ValueError, match="rows"):
+        Y.table_metrics(ROWS, ["no such model"])
+
+
+def test_best_model_makes_the_comparisons_of_the_text():
+    best = Y.best_model(ROWS, ["vanilla GAN", "WGAN-GP"])
+    assert best == {"name": "WGAN-GP", "ratio": 1.5 / 4.0, "below_rival": True, "all_beat_baseline": True,
+                    "memorisation": True}
+    worse = Y.best_model({**ROWS, "WGAN-GP": _row(5.0)}, ["vanilla GAN", "WGAN-GP"])
+    assert worse["name"] == "vanilla GAN" and not worse["below_rival"] and not worse["all_beat_baseline"]
+    assert not worse["memorisation"]                                      # mem_frac 0.5 > 0.2
+    with pytest.raises(ValueError, match="rows"):
+        Y.best_model(ROWS, ["vanilla GAN"], rival="no such row")
+
+
+class _Judge:
+    """A stand-in for the yardstick encoder: features are voxel means; the heads read voxel (0, 0, 0)
+    as the site and voxel (0, 0, 1) as the age."""
+
+    def __init__(self):
+        self.heldout = {"age_mae": 5.0, "age_mae_baseline": 9.0, "age_r2": 0.4, "site_acc": 0.9,
+                        "site_acc_baseline": 0.4, "lesion_acc": 0.7, "lesion_acc_baseline": 0.5,
+                        "lesion_auc": 0.8, "volumes_r2": 0.6}
+
+    def features(self, x):
+        x = torch.as_tensor(x).flatten(1)
+        return torch.stack([x.mean(1), x.std(1), x[:, :5].mean(1)], 1).double().numpy()
+
+    def predict(self, x):
+        x = torch.as_tensor(x)
+        return {"site": x[:, 0, 0, 0, 0].round().long().numpy(), "age": x[:, 0, 0, 0, 1].double().numpy()}
+
+
+class _Obedient(torch.nn.Module):
+    """A conditional "generator" that writes its condition (site, age) into its volumes."""
+
+    def sample(self, n, c, generator=None):
+        x = torch.rand(n, 1, 4, 4, 4, generator=generator)
+        x[:, 0, 0, 0, 0], x[:, 0, 0, 0, 1] = c[:, 1], c[:, 0]
+        return x
+
+
+def test_heads_table_fd_to_and_condition_readback():
+    judge = _Judge()
+    t = Y.heads_table(judge)
+    assert t.loc["site accuracy", "encoder"] == 0.9 and t.loc["site accuracy", "trivial guess"] == 0.4
+    assert math.isnan(t.loc["lesion AUC", "trivial guess"])
+    a, b = torch.rand(20, 1, 4, 4, 4), torch.rand(20, 1, 4, 4, 4) + 1
+    fd = Y.fd_to(judge, a, {"same": a, "brighter": b})
+    assert fd["same"] == pytest.approx(0.0, abs=1e-6) and fd["brighter"] > 0.5
+    condition = lambda age, site: torch.tensor([[float(g), float(s)] for g, s in zip(age, site)])   # noqa: E731
+    rb = Y.condition_readback(_Obedient(), judge, condition, 3, sites=(0, 1, 2), ages=(25, 85))
+    assert rb == {"site_acc": {0: 1.0, 1: 1.0, 2: 1.0}, "site_mean": 1.0, "age_pred": {25: 25.0, 85: 85.0}}
+    with pytest.raises(ValueError, match="n:"):
+        Y.condition_readback(_Obedient(), judge, condition, 0)
+
+
+def test_load_splits_divides_the_training_split(tmp_path):
+    from test_yardstick import _tiny_brains           # 6 training and 2 test brains of 16³
+
+    folder = _tiny_brains(tmp_path / "tiny")
+    train, val, heldout, train_attrs, val_attrs = Y.load_splits(folder, size=S, seed=0)
+    all_train = Y.load_volumes(folder, "train", size=S)
+    assert len(val) == len(heldout) == 2 and len(train) == 4 and len(train_attrs) == 4 and len(val_attrs) == 2
+    assert sorted(train_attrs.age.tolist() + val_attrs.age.tolist()) == sorted(range(20, 61, 8))
+    for volumes, attrs in ((train, train_attrs), (val, val_attrs)):         # volumes and attributes stay aligned
+        k = [(int(a) - 20) // 8 for a in attrs.age]
+        assert torch.equal(volumes, all_train[k])
+    assert Y.load_splits(folder, size=S, seed=0, n_val=1).val.shape == (1, 1, S, S, S)
+    with pytest.raises(ValueError, match="n_val"):
+        Y.load_splits(folder, size=S, n_val=6)
+
+
+# The chapter's figures (viz.py) ---------------------------------------------------------------------
+
+from gen3d_lessons.viz import plot_gan_training, sample_rows                          # noqa: E402
+
+
+def test_sample_rows_and_plot_gan_training():
+    fig = sample_rows({"real": torch.rand(5, 1, 8, 8, 8), "GAN": torch.rand(4, 8, 8, 8)}, n=3)
+    titles = [a.get_title() for a in fig.axes]
+    assert len(fig.axes) == 6 and titles[:3] == ["real 1", "real 2", "real 3"] and titles[3] == "GAN 1"
+    with pytest.raises(ValueError, match="at least 3"):
+        sample_rows({"real": torch.rand(2, 1, 8, 8, 8)}, n=3)
+    with pytest.raises(ValueError, match="shape"):
+        sample_rows({"a": torch.rand(3, 1, 8, 8, 8), "b": torch.rand(3, 1, 4, 4, 4)}, n=2)
+    nan = math.nan
+    h = {"d_loss": [1.0, 0.9, 0.8, 0.7], "g_loss": [0.5, 0.6, 0.7, 0.8], "fd": [nan, 2.0, nan, 1.0]}
+    fig = plot_gan_training({"a": h, "b": h}, {"held-out real": 0.5}, titles=("A", "B"))
+    assert [a.get_title() for a in fig.axes][:2] == ["A", "B"] and len(fig.axes) == 3
+    assert len(fig.axes[2].lines) == 2 * 2 + 1                                     # a curve and a star per run, one line
+    with pytest.raises(ValueError, match="no \\['fd'\\]"):
+        plot_gan_training({"a": {"d_loss": [1.0], "g_loss": [1.0]}})
+    with pytest.raises(ValueError, match="titles"):
+        plot_gan_training({"a": h}, titles=("A", "B"))

@@ -1,18 +1,32 @@
-"""Registration: VoxelMorph, its loss and step, the per-pair optimisers, register() and its checks."""
+"""Registration: VoxelMorph, its loss and step, the per-pair optimisers, register() and its checks, and the
+evaluation of chapter 13 (scores, timing, the optimiser's curve, volume change) with its figures."""
 
+import time
 from functools import partial
 
-import numpy as np
-import pytest
-import torch
-import torch.nn.functional as F
+import matplotlib
 
-from gen3d_lessons import losses, spatial
-from gen3d_lessons.baselines.registration import AffineFit, matrix_to_theta, register_affine, theta_to_matrix
-from gen3d_lessons.models.registration import RegistrationConfig, VoxelMorph, similarity_force
-from gen3d_lessons.tasks.register import Registered, iterative_path, register, register_iterative, warp_labels
-from gen3d_lessons.training import load_model, save_model
-from gen3d_lessons.training.registration import RegistrationLoss, atlas_batches, pair_batches, registration_step
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from gen3d_lessons import losses, spatial, viz  # noqa: E402
+from gen3d_lessons.baselines.registration import AffineFit, matrix_to_theta, register_affine, theta_to_matrix  # noqa: E402
+from gen3d_lessons.data.datasets import load_case, read_dataset  # noqa: E402
+from gen3d_lessons.data.heart import make_heart_dataset  # noqa: E402
+from gen3d_lessons.models.registration import RegistrationConfig, VoxelMorph, similarity_force  # noqa: E402
+from gen3d_lessons.tasks.register import (Atlas, CinePairs, OptimiserMatch, Registered, brain_atlas,  # noqa: E402
+                                          cine_pairs, folding_by_parametrisation, folding_scores, iterative_path,
+                                          mean_jacobian, network_displacement, optimiser_curve, optimiser_match,
+                                          register, register_iterative, score_fields, seconds_per_pair, timed_batch,
+                                          volume_change, volume_change_summary, warp_labels)
+from gen3d_lessons.training import load_model, save_model  # noqa: E402
+from gen3d_lessons.training.registration import (RegistrationLoss, atlas_batches, pair_batches,  # noqa: E402
+                                                 registration_step, train_registration)
 
 N = 16
 
@@ -352,3 +366,195 @@ def test_register_refuses_overflow_and_non_finite_results():
         register(huge, np.roll(huge, 1, axis=0), steps=5, grid=None)
     with pytest.raises(ValueError, match="at least 4 voxels"):
         register(np.zeros((3, 8, 8)), np.zeros((3, 8, 8)))
+
+
+# 5. The chapter's evaluation: scores, time, the optimiser's curve, volume change ------------------
+
+CLASSES = {"ball": 1}
+
+
+def _balls(n: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n fixed images (n, 1, N, N, N), their labels (n, N, N, N), and the moving labels as probabilities (n, 2, ...)."""
+    fixed = torch.cat([_blob(shift=(float(i), 0.0, 0.0)) for i in range(n)])
+    labels = (fixed[:, 0] > 0.5).long()
+    return fixed, labels, F.one_hot(labels, 2).movedim(-1, 1).float()
+
+
+def _scaling(n: int, a: float) -> torch.Tensor:
+    """u(x) = a (x - c): a uniform stretch with det J = (1 + a)³ everywhere, (n, 3, N, N, N)."""
+    x = spatial.identity_grid((N, N, N))
+    return (a * (x - (N - 1) / 2)).expand(n, -1, -1, -1, -1).clone()
+
+
+def test_score_fields_is_perfect_for_the_identity_and_broadcasts_an_atlas():
+    fixed, labels, probs = _balls()
+    zero = torch.zeros(2, 3, N, N, N)
+    row = score_fields(zero, probs, labels, CLASSES, spacing=2.0, seconds=0.5)
+    assert row["mean Dice"] == pytest.approx(1.0) and row["Dice ball"] == pytest.approx(1.0)
+    assert row["HD95 (mm)"] == pytest.approx(0.0) and row["folded voxels (%)"] == 0.0 and row["s per pair"] == 0.5
+    atlas_row = score_fields(zero, probs[:1], labels, CLASSES)           # one atlas for both pairs
+    assert atlas_row["mean Dice"] < 1.0                                  # the second ball sits elsewhere
+    with pytest.raises(ValueError, match="1 or 2"):
+        score_fields(zero, probs[:1], labels[:1], CLASSES)
+
+
+def test_folding_scores_of_the_identity_and_of_a_folding_field():
+    fixed, labels, probs = _balls()
+    clean = folding_scores(torch.zeros(2, 3, N, N, N), probs, labels, CLASSES)
+    assert clean == {"folded voxels (%)": 0.0, "min det J": pytest.approx(1.0), "mean Dice": pytest.approx(1.0)}
+    folded = folding_scores(_scaling(2, -1.5), probs, torch.cat([labels, labels]), CLASSES)   # det J = -1/8
+    assert folded["folded voxels (%)"] > 50 and folded["min det J"] < 0
+    with pytest.raises(ValueError, match="at least 2"):
+        folding_scores(torch.zeros(2, 3, N, N, N), probs, labels[:1], CLASSES)
+
+
+def test_folding_by_parametrisation_gives_one_row_per_parametrisation():
+    fixed, labels, probs = _balls()
+    table = folding_by_parametrisation(_blob(), probs[:1], fixed, labels, CLASSES, None,
+                                       RegistrationLoss(smoothness=1e-4), steps=3, lr=0.1)
+    assert list(table.index) == ["displacement, id + u", "velocity, exp(v)"]
+    assert list(table.columns) == ["folded voxels (%)", "min det J", "mean Dice"]
+    assert np.isfinite(table.to_numpy(dtype=float)).all()
+
+
+def test_seconds_per_pair_times_one_pair_at_a_time_and_timed_batch_all_at_once():
+    seen = []
+    register_batch = lambda x: seen.append(tuple(x.shape)) or time.sleep(0.01)
+    s = seconds_per_pair(register_batch, torch.zeros(3, 1, 4, 4, 4), n=2)
+    assert seen == [(1, 1, 4, 4, 4)] * 2 and s >= 0.01
+    with pytest.raises(ValueError, match="1 to 3"):
+        seconds_per_pair(register_batch, torch.zeros(3, 1, 4, 4, 4), n=4)
+    out, per_pair = timed_batch(lambda x: time.sleep(0.02) or x * 2, torch.ones(4, 1, 2, 2, 2))
+    assert torch.equal(out, torch.full((4, 1, 2, 2, 2), 2.0)) and 0.005 <= per_pair < 0.02
+
+
+def test_optimiser_curve_scores_the_fields_of_one_run_and_times_single_pairs():
+    fixed, _, _ = _balls()
+    moving, loss = _blob(), RegistrationLoss(smoothness=0.01)
+    scored = []
+    rows = optimiser_curve(moving, fixed, loss, lambda u, s: scored.append((u, s)) or {"s": s}, at_steps=(2, 4),
+                           n_timed=1, grid=4, lr=0.1)
+    assert list(rows) == ["iterative, 2 steps", "iterative, 4 steps"] and rows["iterative, 4 steps"]["s"] > 0
+    path = iterative_path(moving.expand(2, -1, -1, -1, -1), fixed, loss, at_steps=(2, 4), grid=4, lr=0.1)
+    assert all(torch.equal(u, snap.displacement) for (u, _), snap in zip(scored, path))   # the same fields
+    with pytest.raises(ValueError, match="n_timed"):
+        optimiser_curve(moving, fixed, loss, lambda u, s: {}, at_steps=(1,), n_timed=3)
+    with pytest.raises(ValueError, match="1 or 2"):
+        optimiser_curve(torch.cat([moving] * 3), fixed, loss, lambda u, s: {}, at_steps=(1,), n_timed=1)
+
+
+def test_network_displacement_is_one_forward_pass_on_the_cpu():
+    net = _net(diffeomorphic=True)
+    fixed, _, _ = _balls()
+    u = network_displacement(net, _blob(), fixed)
+    assert u.shape == (2, 3, N, N, N) and not u.requires_grad and u.device.type == "cpu"
+    with torch.no_grad():
+        assert torch.allclose(u, net(_blob().expand(2, -1, -1, -1, -1), fixed).displacement)
+
+
+def test_optimiser_match_finds_the_cheapest_run_that_reaches_the_network():
+    table = pd.DataFrame({"mean Dice": [0.5, 0.6, 0.7, 0.8, 0.65], "s per pair": [0.0, 1.0, 2.0, 4.0, 0.1]},
+                         index=["none", "iterative, 5 steps", "iterative, 10 steps", "iterative, 20 steps", "net"])
+    match = optimiser_match(table, "net")
+    assert isinstance(match, OptimiserMatch)
+    assert (match.row, match.reached, match.steps, match.longest, match.longest_steps) == (
+        "iterative, 10 steps", True, 10, "iterative, 20 steps", 20)
+    assert match.speedup == pytest.approx(20.0)
+    table.loc["net", "mean Dice"] = 0.9                                  # better than every run: the longest one
+    assert optimiser_match(table, "net")[:3] == ("iterative, 20 steps", False, 20)
+    with pytest.raises(ValueError, match="rows starting"):
+        optimiser_match(table, "net", prefix="demons")
+
+
+def test_cine_pairs_pool_ed_and_es_to_cubes(tmp_path):
+    root = make_heart_dataset(tmp_path / "heart", n=2, size=16, frames=3, seed=4, test_fraction=0)
+    records = read_dataset(root).split("train")
+    pairs = cine_pairs(records, z=slice(4, 12))
+    assert isinstance(pairs, CinePairs)
+    assert pairs.moving.shape == pairs.fixed.shape == (2, 1, 8, 8, 8)
+    assert pairs.moving_labels.shape == pairs.fixed_labels.shape == (2, 4, 8, 8, 8)
+    assert torch.allclose(pairs.fixed_labels.sum(1), torch.ones(2, 8, 8, 8))        # class fractions
+    assert not torch.equal(pairs.moving, pairs.fixed)                                # ED is not ES
+    raw = read_dataset(root).split("train")[0]
+    spacing = np.array(pairs.spacing) / np.array([2, 2, 1])
+    assert pairs.spacing[0] == pairs.spacing[2] and np.allclose(spacing, _spacing_of(raw))
+    with pytest.raises(ValueError, match="no cases"):
+        cine_pairs([])
+
+
+def _spacing_of(record) -> tuple[float, ...]:
+    return load_case(record, ["label"])["label"].spacing
+
+
+def test_mean_jacobian_inside_a_mask():
+    mask = torch.zeros(2, N, N, N, dtype=torch.bool)
+    mask[:, 4:12, 4:12, 4:12] = True
+    assert mean_jacobian(torch.zeros(2, 3, N, N, N), mask) == pytest.approx([1.0, 1.0])
+    assert mean_jacobian(_scaling(2, 0.1), mask) == pytest.approx([1.1 ** 3] * 2, rel=1e-4)
+    assert mean_jacobian(torch.zeros(2, 3, N, N, N), torch.zeros_like(mask)) == pytest.approx([0.0, 0.0])   # empty
+    with pytest.raises(ValueError, match="mask"):
+        mean_jacobian(torch.zeros(2, 3, N, N, N), mask[:1])
+
+
+def test_volume_change_and_its_summary_read_a_known_stretch():
+    fractions = torch.zeros(2, 4, N, N, N)
+    fractions[:, 0] = 1.0
+    fractions[:, :, 4:12, 4:12, 4:12] = torch.tensor([0.0, 0.0, 0.0, 1.0]).view(1, 4, 1, 1, 1)    # LV: label 3
+    fractions[:, :, 2:4, 4:12, 4:12] = torch.tensor([0.0, 0.0, 1.0, 0.0]).view(1, 4, 1, 1, 1)     # MYO: label 2
+    moving = fractions.clone()
+    moving[1, 3] *= 2.0                                                  # a volume ratio of 1 and of 2
+    fields = {"stretch": _scaling(2, 0.1), "still": torch.zeros(2, 3, N, N, N)}
+    table = volume_change(fields, moving, fractions, {"LV": 3, "MYO": 2}, "EDV / ESV", index=["a", "b"])
+    assert list(table.columns) == ["EDV / ESV", "LV det J, stretch", "LV det J, still", "MYO det J, stretch",
+                                   "MYO det J, still"]
+    assert list(table.index) == ["a", "b"] and table["EDV / ESV"].tolist() == pytest.approx([1.0, 2.0])
+    assert table["LV det J, stretch"].tolist() == pytest.approx([1.1 ** 3] * 2, rel=1e-4)
+    summary = volume_change_summary(table, fields, "LV", "MYO", "EDV / ESV")
+    assert list(summary.columns) == ["cavity", "wall", "corr", "recovered", "wall_steady"]
+    assert summary.loc["still", "cavity"] == pytest.approx(1.0) and summary.loc["still", "recovered"] == pytest.approx(0.0)
+    assert summary.loc["stretch", "recovered"] == pytest.approx((1.1 ** 3 - 1) / 0.5, rel=1e-3)
+    assert not summary.loc["stretch", "wall_steady"]                     # the wall stretches as much as the cavity
+
+
+def test_brain_atlas_is_the_template_as_tensors():
+    atlas = brain_atlas(16)
+    assert isinstance(atlas, Atlas)
+    assert atlas.image.shape == (1, 1, 16, 16, 16) and atlas.probabilities.shape == (1, 4, 16, 16, 16)
+    assert atlas.labels.shape == (16, 16, 16) and len(atlas.spacing) == 3 and atlas.spacing[0] > 0
+    assert torch.allclose(atlas.probabilities.sum(1), torch.ones(1, 16, 16, 16), atol=1e-5)
+
+
+def test_train_registration_runs_fit_over_the_step_and_leaves_the_model_in_eval_mode():
+    fixed, labels, probs = _balls()
+    net = _net()
+    batches = pair_batches(_blob().expand(2, -1, -1, -1, -1), fixed, probs, probs, batch_size=2, generator=_gen(0))
+    history = train_registration(net, batches, RegistrationLoss(dice=1.0), lr=1e-3, max_steps=3, desc="test")
+    assert history.steps == 3 and not net.training and "dice_loss" in history.values
+
+
+# 6. The chapter's figures ----------------------------------------------------------------------------
+
+def test_accuracy_against_time_draws_a_curve_points_and_a_reference():
+    fig = viz.accuracy_against_time({5: (0.1, 0.6), 10: (0.2, 0.7)}, {"net": (0.01, 0.65), "affine": (0.05, 0.55)},
+                                    {"none": 0.4}, ylabel="mean Dice")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.texts] == ["5", "10"]
+    assert [l.get_label() for l in ax.lines] == ["iterative optimiser (steps)", "net", "affine", "none"]
+    with pytest.raises(ValueError, match="seconds > 0"):
+        viz.accuracy_against_time({5: (0.0, 0.6)}, {})
+    with pytest.raises(ValueError, match="non-empty"):
+        viz.accuracy_against_time({}, {"net": (0.1, 0.5)})
+
+
+def test_volume_change_figure_draws_the_pair_det_j_and_the_truth():
+    vol = torch.rand(N, N, N, generator=_gen(3))
+    mask = torch.zeros(N, N, N, dtype=torch.bool)
+    mask[4:8, 4:8, 10:12] = True
+    fig = viz.volume_change_figure(vol, vol, torch.ones(N, N, N), mask, [1.5, 2.0], {"a": [1.2, 1.6], "b": [1.4, 1.9]},
+                                   title="heart, slice {index}")
+    assert len(fig.axes) == 5 and fig._suptitle.get_text() == "heart, slice 10"           # 4 panels + a colour bar
+    assert len(fig.axes[3].collections) == 2                                             # one scatter per method
+    with pytest.raises(ValueError, match="non-empty mask"):
+        viz.volume_change_figure(vol, vol, vol, torch.zeros(N, N, N), [1.0], {"a": [1.0]})
+    with pytest.raises(ValueError, match="one value per pair"):
+        viz.volume_change_figure(vol, vol, vol, mask, [1.0, 2.0], {"a": [1.0]})

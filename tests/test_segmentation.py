@@ -377,3 +377,162 @@ def test_predict_refuses_a_multichannel_model_and_a_corrupt_file(tmp_path):
     corrupt.write_bytes(b"\x00" * 10)
     with pytest.raises(ValueError, match="corrupt"):
         predict(volume, model_path=corrupt)
+
+
+# the chapter's recipes, tables and figures -------------------------------------------------------
+
+def test_train_segmenter_is_adamw_one_cycle_seg_step_and_fit():
+    from monai.losses import DiceCELoss
+
+    images, labels = blobs(2)
+    batches = [{"image": images, "label": labels}]
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    torch.manual_seed(0)
+    by_hand, recipe = UNet3D(SMALL), UNet3D(SMALL)
+    recipe.load_state_dict(by_hand.state_dict())
+    opt = torch.optim.AdamW(by_hand.parameters(), lr=1e-2, weight_decay=1e-4)
+    fit(partial(seg_step, model=by_hand, optimizer=opt, scheduler=one_cycle(opt, 4), loss_fn=loss_fn), batches, max_steps=4)
+    from gen3d_lessons.training.segmentation import train_segmenter
+
+    h = train_segmenter(recipe, batches, loss_fn, lr=1e-2, max_steps=4)
+    assert h.steps == 4 and list(h.values) == ["loss"]
+    assert all(torch.equal(a, b) for a, b in zip(by_hand.state_dict().values(), recipe.state_dict().values()))
+
+
+def test_train_vox2vox_and_vaereg_recipes():
+    from monai.losses import DiceCELoss
+
+    from gen3d_lessons.training.segmentation import train_vaereg, train_vox2vox
+
+    torch.manual_seed(0)
+    images, labels = blobs(2)
+    batches = [{"image": images, "label": labels}]
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    g, d = UNet3D(SMALL), PatchDiscriminator3D(PatchDiscriminatorConfig(in_channels=4, features=(4, 8)))
+    g0, d0 = [p.clone() for p in g.parameters()], [p.clone() for p in d.parameters()]
+    h = train_vox2vox(g, d, batches, loss_fn, lr=1e-3, max_steps=2, adv_weight=0.2)
+    assert h.steps == 2 and set(h.values) == {"seg", "adv", "loss_d"}
+    assert any(not torch.equal(a, b) for a, b in zip(g0, g.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(d0, d.parameters()))
+    net = VAERegUNet(VAERegConfig(unet=SMALL, crop=(16, 16, 16), latent_dim=8))
+    h = train_vaereg(net, batches, loss_fn, lr=1e-3, max_steps=3)
+    assert h.steps == 3 and set(h.values) == {"seg", "l2", "kl"}
+
+
+def test_tissue_map_counts_a_lesion_as_white_matter():
+    from gen3d_lessons.tasks.segment import tissue_map
+
+    y = torch.tensor([[0, 1, 2, 3, 4]])
+    assert torch.equal(tissue_map(y), torch.tensor([[0, 1, 2, 3, 3]]))
+    assert tissue_map(y).dtype == y.dtype
+
+
+def test_score_table_rows_and_summary():
+    from gen3d_lessons.tasks.segment import score_table
+
+    _, labels = blobs(3, size=16)
+    targets = labels[:, 0].numpy()                                           # (3, 16, 16, 16): 1 box, 2 ball
+    shifted = [np.roll(t, 2, axis=0) for t in targets]
+    preds = {"perfect": list(targets), "shifted": shifted}
+    scores, table = score_table(preds, targets, {"box": 1}, spacing=(1.0, 1.0, 2.0), extra_classes={"perfect": {"ball": 2}})
+    assert len(scores) == 3 * 2 + 3 and list(scores.columns) == ["model", "case", "class", "Dice", "HD95", "ASSD"]
+    assert list(table.index) == ["perfect", "shifted"] and table.columns[0] == ("Dice", "mean")
+    assert table.loc["perfect", ("Dice", "mean")] == 1.0 and table.loc["perfect", ("HD95", "ball")] == 0.0
+    assert table.loc["shifted", ("Dice", "mean")] < 1.0 and np.isnan(table.loc["shifted", ("Dice", "ball")])
+    # per-volume columns, grouped rows (the heart's phases)
+    scores, table = score_table(preds, targets, {"box": 1, "ball": 2}, info={"phase": ["ED", "ES", "ED"]},
+                                by=("model", "phase"), mean="both")
+    assert "phase" in scores and "case" not in scores and list(table.index.names) == ["model", "phase"]
+    row = table.loc[("shifted", "ED")]
+    assert row[("Dice", "both")] == pytest.approx((row[("Dice", "box")] + row[("Dice", "ball")]) / 2)
+    with pytest.raises(ValueError, match="label maps for 3 targets"):
+        score_table({"short": shifted[:2]}, targets, {"box": 1})
+    with pytest.raises(ValueError, match="info"):
+        score_table(preds, targets, {"box": 1}, info={"phase": ["ED"]})
+
+
+class _Oracle(torch.nn.Module):
+    """A "network" that returns the true labels as logits, whatever the image: Dice 1."""
+
+    def __init__(self, labels: torch.Tensor, n_classes: int = 4):
+        super().__init__()
+        self.labels, self.n, self.seen = labels, n_classes, 0
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        y = self.labels[self.seen:self.seen + len(x)]
+        self.seen = (self.seen + len(x)) % len(self.labels)
+        logits = 10.0 * F.one_hot(y, self.n).permute(0, 4, 1, 2, 3).float()    # (B, K, *S)
+        pad = [(s - t) for s, t in zip(x.shape[2:], y.shape[1:])]
+        return F.pad(logits, [p for e in reversed(pad) for p in (e // 2, e - e // 2)])
+
+
+def test_mean_tissue_dice_of_networks_and_otsu():
+    from gen3d_lessons.tasks.segment import mean_tissue_dice
+
+    images, labels = blobs(2, size=16)                                      # labels 0, 1, 2
+    y = labels[:, 0]
+    out = mean_tissue_dice({"oracle": _Oracle(y)}, images, y.numpy())
+    assert list(out.columns) == ["oracle", "Otsu"] and len(out) == 2
+    assert np.allclose(out.oracle, 1.0) and (out.Otsu <= 1.0).all()
+    with pytest.raises(ValueError, match="label maps"):
+        mean_tissue_dice({"oracle": _Oracle(y)}, images, y.numpy()[:1])
+
+
+def test_robustness_study_by_site_and_condition(brain_msd):
+    from gen3d_lessons.tasks.segment import mean_tissue_dice, robustness_study
+
+    cases = read_dataset(brain_msd).cases                                  # 4 cases of 12³, with "lowdose" copies
+    for i, case in enumerate(cases):
+        case.attributes["site"] = i % 2
+    images, labels = stack_cases(cases, channels=[0])
+    y = labels[:, 0].clamp(max=3)
+    models = {"oracle": _Oracle(torch.cat([y, y[[0, 1]]] * 8))}              # enough truths for every call
+    clean, by_site, robust = robustness_study(models, cases, images, y.numpy(), per_site=1)
+    assert list(clean.columns) == ["oracle", "Otsu"] and len(clean) == 4
+    assert list(by_site.index) == ["site 0", "site 1"] and by_site.index.name == "clean test T1, by site"
+    assert list(robust.index) == ["clean", "low-dose", "thick slices", "bias field", "contrast x²"]
+    assert robust.index.name == "mean tissue Dice, 2 test brains"
+    picked = mean_tissue_dice({"oracle": _Oracle(y[[0, 1]])}, images[[0, 1]], y.numpy()[[0, 1]])
+    assert robust.loc["clean", "Otsu"] == pytest.approx(picked.Otsu.mean())
+    with pytest.raises(ValueError, match="per_site"):
+        robustness_study(models, cases, images, y.numpy(), per_site=0)
+    with pytest.raises(ValueError, match="records"):
+        robustness_study(models, cases[:2], images, y.numpy())
+
+
+def test_tissue_baselines_are_the_three_classical_methods():
+    from gen3d_lessons.baselines.segmentation import tissue_baselines
+
+    images, labels = blobs(2, size=16)
+    t1, masks = images[:, 0].numpy(), labels[:, 0].numpy() > 0
+    probs = np.stack([(labels[0, 0].numpy() == k).astype(np.float32) for k in range(4)], -1)    # (X, Y, Z, 4)
+    out = tissue_baselines(t1, masks, t1[0], probs)
+    assert list(out) == ["Otsu (T1)", "k-means (T1)", "affine atlas"]
+    assert all(len(v) == 2 and v[0].shape == (16, 16, 16) for v in out.values())
+    assert np.array_equal(out["Otsu (T1)"][1], threshold_segmentation(t1[1], masks[1], method="otsu"))
+    with pytest.raises(ValueError, match="masks"):
+        tissue_baselines(t1, masks[:1], t1[0], probs)
+
+
+def test_compare_labels_and_plot_histories():
+    from gen3d_lessons.viz import compare_labels, plot_histories
+
+    image = torch.rand(12, 12, 12)
+    truth = torch.zeros(12, 12, 12, dtype=torch.long)
+    truth[4:8, 4:8, 8:10] = 3
+    fig = compare_labels(image, {"truth": truth, "method": truth.flip(2)}, focus=3)
+    assert len(fig.axes) == 2 and fig._suptitle.get_text() == "axial z=8"     # through the label's centre
+    assert compare_labels(image, {"truth": truth}, focus=4)._suptitle.get_text() == "axial z=6"   # absent: the centre
+    with pytest.raises(ValueError, match="label map"):
+        compare_labels(image, {})
+    histories = {"pre": {"loss": [3.0, 2.0, 1.0]}, "a": {"loss": [1.0, 0.5]}, "b": {"seg": [1.0, 0.7], "adv": [0.1, 0.1]}}
+    fig = plot_histories(histories, [["pre", "a", "b"], ["a"]], keys=("loss", "seg"), continued=["pre"])
+    assert len(fig.axes) == 2
+    lines = fig.axes[0].get_lines()
+    assert [list(line.get_xdata()) for line in lines] == [[0, 1, 2], [3, 4], [3, 4]]   # both continue from "pre"
+    assert np.allclose(lines[0].get_ydata(), [3.0, 2.5, 2.0])                          # a moving mean
+    with pytest.raises(ValueError, match="not among"):
+        plot_histories(histories, [["c"]])
+    with pytest.raises(ValueError, match="none of"):
+        plot_histories(histories, [["b"]], keys=("loss",))

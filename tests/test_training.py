@@ -367,3 +367,13 @@ def test_a_killed_training_resumes_exactly(tmp_path):
     net_b, opt_b, batches, step = _shuffled_problem(seed=3)
     again = fit(step, batches, max_steps=40, checkpoint=Checkpoint(path, {"net": net_b, "opt": opt_b}))
     assert again.values["loss"] == full.values["loss"] and torch.equal(net_b.weight, net_a.weight)
+
+
+def test_cost_ratios_reads_3d_over_2d_at_one_edge():
+    from gen3d_lessons.training.benchmark import cost_ratios
+    rows = [dict(dims=2, size=32, params=10, memory_MB=2.0, s_per_step=0.01),
+            dict(dims=3, size=32, params=30, memory_MB=64.0, s_per_step=0.5)]
+    r = cost_ratios(rows, 32)
+    assert r == {"slowdown": 0.5 / 0.01, "memory_ratio": 32.0, "param_ratio": 3.0}
+    with pytest.raises(ValueError, match="no measurement in 2D and 3D at edge 64"):
+        cost_ratios(rows, 64)

@@ -155,3 +155,41 @@ def test_bad_inputs_name_the_argument():
         viz.overlay(volume()[:, :, 0], labels()[:8, :, 0])
     with pytest.raises(ValueError, match="index"):
         viz.compare({"a": volume()}, index=16)
+
+
+def test_plot_scaling_draws_one_line_per_dimension_and_names_missing_columns():
+    from gen3d_lessons.viz import plot_scaling
+    rows = [{"dims": d, "voxels": e ** d, "memory_MB": 0.1 * e ** d, "s_per_step": 1e-4 * e ** d} for d in (2, 3) for e in (8, 16)]
+    fig = plot_scaling(rows)
+    assert len(fig.axes) == 2 and all(len(a.lines) == 2 for a in fig.axes)
+    with pytest.raises(ValueError, match="missing"):
+        plot_scaling([{"dims": 2, "voxels": 64}])
+
+
+def test_difference_maps_one_symmetric_scale_and_one_colour_bar():
+    ref = volume()
+    fig = viz.difference_maps({"a": ref + 0.1, "b": ref - 0.3}, ref, index=8, title="error")
+    images = [a.images[0] for a in fig.axes if a.images]
+    assert isinstance(fig, Figure) and len(images) == 2 and len(fig.axes) == 3          # two panels + the colour bar
+    assert all(im.get_clim() == pytest.approx((-0.3, 0.3)) for im in images)          # the largest difference shown
+    assert np.allclose(images[0].get_array(), 0.1, atol=1e-6)
+    assert viz.difference_maps({"a": ref}, ref, limit=0.1).axes[0].images[0].get_clim() == pytest.approx((-0.1, 0.1))
+    with pytest.raises(ValueError, match="reference's"):
+        viz.difference_maps({"a": volume((8, 8, 8))}, ref)
+    with pytest.raises(ValueError, match="limit"):
+        viz.difference_maps({"a": ref}, ref, limit=0)
+    with pytest.raises(ValueError, match="non-empty"):
+        viz.difference_maps({}, ref)
+
+
+def test_line_profiles_one_curve_per_volume_bold_ones_thicker():
+    fig = viz.line_profiles({"a": np.linspace(0, 1, 9), "b": torch.zeros(9)}, np.linspace(-2, 2, 9), bold=("b",))
+    lines = fig.axes[0].lines
+    assert [l.get_label() for l in lines] == ["a", "b"] and lines[1].get_linewidth() > lines[0].get_linewidth()
+    assert lines[0].get_xdata()[0] == -2
+    with pytest.raises(ValueError, match="9 samples"):
+        viz.line_profiles({"a": np.zeros(9), "b": np.zeros(5)})
+    with pytest.raises(ValueError, match="positions"):
+        viz.line_profiles({"a": np.zeros(9)}, positions=np.zeros(3))
+    with pytest.raises(ValueError, match="bold"):
+        viz.line_profiles({"a": np.zeros(9)}, bold=("c",))

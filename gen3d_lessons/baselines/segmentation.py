@@ -9,6 +9,8 @@
 * :func:`heart_intensity_segmentation`: bSSFP blood is bright and muscle dark, so k-means finds
   the blood pools; connected components and the position of the septum tell LV from RV, and a
   ring of dark voxels around the LV is called myocardium.
+* :func:`tissue_baselines`: the three brain baselines of chapter 10 (Otsu, k-means, affine atlas)
+  on a whole test set.
 
 Every function takes NumPy arrays in (X, Y, Z) voxel order and returns an integer label map of
 the same shape.
@@ -16,7 +18,7 @@ the same shape.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -103,6 +105,21 @@ def atlas_segmentation(atlas_image: Any, atlas_probabilities: Any, subject_image
     grid = F.affine_grid(theta, [1, p.shape[1], *np.shape(subject_image)], align_corners=False)
     warped = F.grid_sample(p, grid, align_corners=False)                                  # (1, K, *S)
     return warped[0].argmax(0).numpy().astype(np.int64)
+
+
+def tissue_baselines(t1: Sequence[Any], masks: Sequence[Any], atlas_image: Any,
+                     atlas_probabilities: Any) -> dict[str, list[np.ndarray]]:
+    """CSF, GM and WM of every T1 volume by the three classical baselines of chapter 10.
+
+    ``t1`` holds (X, Y, Z) volumes and ``masks`` their brain masks (the thresholds are given the
+    mask; the atlas finds the brain itself). Returns ``{"Otsu (T1)": [...], "k-means (T1)": [...],
+    "affine atlas": [...]}``, one label map (1 CSF, 2 GM, 3 WM) per volume, computed in that order.
+    """
+    if len(t1) != len(masks):
+        raise ValueError(f"masks: {len(masks)} masks for {len(t1)} volumes")
+    return {"Otsu (T1)": [threshold_segmentation(x, m, method="otsu") for x, m in zip(t1, masks)],
+            "k-means (T1)": [threshold_segmentation(x, m, method="kmeans") for x, m in zip(t1, masks)],
+            "affine atlas": [atlas_segmentation(atlas_image, atlas_probabilities, x) for x in t1]}
 
 
 # 3. The heart: k-means on intensity, components, a ring of muscle ---------------------------------

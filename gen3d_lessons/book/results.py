@@ -260,3 +260,49 @@ def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+class Checks(list):
+    """A chapter's comparisons, in the form :func:`record` takes (``record(..., checks=check)``), and
+    what the page says about each of them.
+
+    ``check = Checks(goals, run.gates, glue_prefix="ch04_")`` once; then every comparison the text
+    makes is one call, ``check(key, metric, value, higher_is_better=True, says=None)``, which
+    appends ``dict(metric=..., value=..., goal=goals.get(key), gate=gates.get(key), ...)`` and
+    returns ``value``. With a ``glue_prefix`` it also glues, for the prose, the value as
+    ``<prefix><key>``, the goal as ``<prefix><key>_goal`` and, given ``says=(if_met, if_missed)``,
+    the words this value chooses against the goal (:func:`passes`) as ``<prefix><key>_says``: the
+    sentence the page prints and the check the result records cannot disagree. A key that
+    ``goals`` lacks is a row that describes, with no aim. :meth:`headline` does the same for the
+    chapter's headline, which :func:`record` takes apart from the checks.
+    """
+
+    def __init__(self, goals: Mapping[str, Any], gates: Mapping[str, Any] | None = None,
+                 glue_prefix: str | None = None):
+        super().__init__()
+        if not isinstance(goals, Mapping) or (gates is not None and not isinstance(gates, Mapping)):
+            raise ValueError(f"goals, gates: expected dicts {{key: bound}}, got {type(goals).__name__} and "
+                             f"{type(gates).__name__}")
+        self.goals, self.gates, self.glue_prefix = goals, gates or {}, glue_prefix
+
+    def __call__(self, key: str, metric: str, value: Any, higher_is_better: bool = True,
+                 says: tuple[str, str] | None = None) -> Any:
+        self.append(self._row(key, metric, value, higher_is_better, says))
+        return value
+
+    def headline(self, key: str, metric: str, value: Any, higher_is_better: bool = True,
+                 says: tuple[str, str] | None = None) -> dict:
+        """The headline dict for :func:`record` (not appended to the checks), glued like a check."""
+        return self._row(key, metric, value, higher_is_better, says)
+
+    def _row(self, key: str, metric: str, value: Any, higher_is_better: bool, says: tuple[str, str] | None) -> dict:
+        goal = self.goals.get(key)
+        if says is not None and (goal is None or self.glue_prefix is None or len(says) != 2):
+            raise ValueError(f"says: {key!r} needs a goal, a glue_prefix and two wordings (if met, if missed); "
+                             f"got goal {goal!r}, glue_prefix {self.glue_prefix!r}, says {says!r}")
+        if self.glue_prefix is not None:
+            name = f"{self.glue_prefix}{key}"
+            glue_values(**{name: value}, **({} if goal is None else {f"{name}_goal": goal}))
+            if says is not None:
+                glue_choice(f"{name}_says", passes(value, goal, higher_is_better), *says)
+        return dict(metric=metric, value=value, goal=goal, gate=self.gates.get(key), higher_is_better=higher_is_better)

@@ -57,7 +57,7 @@ def dataset_dir(kind: str, **params) -> Path:
     return data_root() / f"{kind}-{tag}"
 
 
-def _complete(out: Path, n: int) -> bool:
+def is_complete(out: Path, n: int) -> bool:
     """Whether ``out`` holds a finished dataset of ``n`` subjects (dataset.json and manifest)."""
     meta = out / "dataset.json"
     if not meta.exists():
@@ -174,7 +174,7 @@ def write_dataset(kind: str, out: str | Path, *, force: bool = False, progress: 
     _check_out(out)
     with _lock(out):
         _clean_stale(out)
-        if not force and _complete(out, full["n"]):
+        if not force and is_complete(out, full["n"]):
             return out
         tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
         if tmp.exists():
@@ -202,6 +202,6 @@ def ensure_dataset(kind: str, **params) -> Path:
     """Return the folder of the dataset, generating it first if it is not complete on disk."""
     out = dataset_dir(kind, **params)
     full = {**DEFAULTS[kind], **params}
-    if _complete(out, full["n"]):
+    if is_complete(out, full["n"]):
         return out
     return write_dataset(kind, out, **params)

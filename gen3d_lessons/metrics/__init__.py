@@ -30,3 +30,7 @@ __all__ = ["psnr", "ssim", "ssim_map", "rmse", "nmse", "scores", "mean_scores", 
            "line_profile", "dice", "hd95", "assd", "surface_distances", "score_segmentation", "frechet_distance",
            "kid", "mmd", "mmd2_unbiased", "one_nn_accuracy", "MS_SSIM_WEIGHTS", "ms_ssim", "ms_ssim_diversity",
            "memorisation", "memorisation_passed", "voxel_metrics", "volume_scores", "best_dice"]
+
+from .image import reconstruction_scores, reconstruction_table  # noqa: E402  (chapter 4)
+
+__all__ += ["reconstruction_scores", "reconstruction_table"]

@@ -6,12 +6,16 @@ anomalies really are. Maps, lesion masks and brain masks are (N, D, H, W), judge
 - :func:`voxel_metrics`: voxel-level AUROC, AUPRC (average precision) and the best Dice any
   threshold reaches (:func:`best_dice`), all brain voxels of all volumes pooled;
 - :func:`volume_scores`: one score per volume (the mean of its highest voxel scores), from which
-  :func:`evaluate` adds a volume-level AUROC (healthy vs lesioned subjects).
+  :func:`evaluate` adds a volume-level AUROC (healthy vs lesioned subjects);
+- :func:`lesion_volumes` and :func:`small_lesions`: the lesions as connected pieces, and the masks
+  that score a map on the small ones only;
+- :func:`detection_table`: every method's numbers in one table, small lesions included.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -114,3 +118,88 @@ def evaluate(maps: Any, lesions: Any, brains: Any, has_lesion: Sequence[bool] | 
     else:
         out["volume_auroc"] = float(roc_auc_score(has, volume_scores(maps, brains, top)))
     return out
+
+
+def lesion_fraction(lesions: Any, brains: Any) -> float:
+    """The share of brain voxels that are lesion: the voxel AUPRC of a random map."""
+    y, m = _numpy(lesions, "lesions"), _numpy(brains, "brains")
+    if y.shape != m.shape:
+        raise ValueError(f"lesions {y.shape} and brains {m.shape} must have one shape")
+    inside = m.astype(bool)
+    if not inside.any():
+        raise ValueError("brains: the masks select no voxel")
+    return float(y[inside].astype(bool).mean())
+
+
+def lesion_volumes(lesions: Any) -> tuple[torch.Tensor, np.ndarray]:
+    """Each voxel's lesion volume in voxels (N, D, H, W) int64, 0 outside lesions, and the volume of
+    every lesion (L,). A lesion is a connected component (26-neighbourhood) of one volume's mask."""
+    from scipy import ndimage
+
+    y = _numpy(lesions, "lesions")
+    if y.ndim != 4 or not np.isin(np.unique(y), (0, 1)).all():
+        raise ValueError(f"lesions: expected binary masks (N, D, H, W), got shape {y.shape}")
+    per_voxel, volumes = np.zeros(y.shape, dtype=np.int64), []
+    for i, mask in enumerate(y.astype(bool)):
+        labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+        counts = np.bincount(labels.ravel())
+        per_voxel[i], volumes = np.where(mask, counts[labels], 0), volumes + counts[1:].tolist()
+    return torch.from_numpy(per_voxel), np.array(volumes)
+
+
+@dataclass
+class SmallLesions:
+    """The masks that score a map on the small lesions only (see :func:`small_lesions`)."""
+
+    lesion: torch.Tensor        # (N, D, H, W) bool: voxels of the lesions below ``below``, the positives
+    brain: torch.Tensor         # (N, D, H, W) bool: the brain without the larger lesions' voxels
+    volumes: np.ndarray         # (L,) the volume of every lesion, in voxels
+    below: float                # the volume bound, in voxels (by default the median lesion volume)
+
+    @property
+    def count(self) -> int:
+        """How many lesions are below the bound."""
+        return int((self.volumes < self.below).sum())
+
+
+def small_lesions(lesions: Any, brains: Any, below: float | None = None) -> SmallLesions:
+    """Positives and brain masks for scoring the lesions smaller than ``below`` voxels (default: the median).
+
+    The voxels of the larger lesions are left out (neither positive nor healthy), every healthy
+    voxel stays in: a map is judged on whether it finds the small lesions among healthy tissue.
+    """
+    size_of, volumes = lesion_volumes(lesions)
+    if not len(volumes):
+        raise ValueError("lesions: the masks hold no lesion")
+    below = float(np.median(volumes)) if below is None else float(below)
+    brain = torch.from_numpy(_numpy(brains, "brains").astype(bool))         # (N, D, H, W)
+    if tuple(brain.shape) != tuple(size_of.shape):
+        raise ValueError(f"lesions {tuple(size_of.shape)} and brains {tuple(brain.shape)} must have one shape")
+    return SmallLesions(lesion=(size_of > 0) & (size_of < below), brain=brain & (size_of < below),
+                        volumes=volumes, below=below)
+
+
+DETECTION_COLUMNS = ("auroc", "auprc", "best_dice", "volume_auroc")
+
+
+def detection_table(maps: Mapping[str, Any], lesions: Any, brains: Any, has_lesion: Sequence[bool] | None = None,
+                    *, top: float = 0.002, small: SmallLesions | None = None):
+    """One row per method (a ``pandas.DataFrame`` indexed by ``method``): :func:`evaluate`'s voxel
+    AUROC, AUPRC, best Dice and volume AUROC, and with ``small`` the voxel AUROC and AUPRC on the
+    small lesions only (``auroc_small``, ``auprc_small``).
+
+    ``maps``: ``{method: (N, D, H, W) map}`` over the same volumes as ``lesions`` and ``brains``.
+    """
+    import pandas as pd
+
+    if not isinstance(maps, Mapping) or not maps:
+        raise ValueError("maps: expected a non-empty dict {method: (N, D, H, W) map}")
+    rows = []
+    for name, a in maps.items():
+        row = {"method": name, **evaluate(a, lesions, brains, has_lesion, top=top)}
+        if small is not None:
+            on_small = voxel_metrics(a, small.lesion, small.brain)
+            row |= {"auroc_small": on_small["auroc"], "auprc_small": on_small["auprc"]}
+        rows.append(row)
+    columns = list(DETECTION_COLUMNS) + (["auroc_small", "auprc_small"] if small is not None else [])
+    return pd.DataFrame(rows).set_index("method")[columns]

@@ -237,3 +237,46 @@ def line_profile(volume: Any, start: Sequence[float], end: Sequence[float], n: i
         raise ValueError(f"start, end: expected three voxel coordinates each, got {start.tolist()} and {end.tolist()}")
     points = start[:, None] + (end - start)[:, None] * np.linspace(0, 1, n)[None]        # (3, n)
     return ndimage.map_coordinates(volume, points, order=1, mode="nearest")
+
+
+# 4. An autoencoder's reconstructions (chapter 4): batches (B, 1, D, H, W), inside a mask and over the volume
+
+def reconstruction_scores(x_hat: Any, x: Any, mask: Any, data_range: float = 1.0, region: str = "brain"
+                          ) -> dict[str, float]:
+    """Means over a batch of single-channel volumes (B, 1, D, H, W) of three scores of ``x_hat`` against ``x``:
+
+    ``SSIM (<region>)`` inside ``mask``, ``SSIM (volume)`` over the whole volume, and
+    ``PSNR (<region>, dB)`` inside ``mask``. Both are reported because a cube is mostly dark
+    background, where SSIM's luminance term punishes tiny offsets around zero: the whole-volume
+    score says more about the background than about the brain.
+    """
+    shapes = [tuple(getattr(v, "shape", ())) for v in (x_hat, x, mask)]
+    if len(shapes[1]) != 5 or shapes[1][1] != 1 or len(set(shapes)) != 1:
+        raise ValueError(f"x_hat, x, mask: expected one shape (B, 1, D, H, W), got {shapes}")
+    each = [(ssim(a[0], b[0], data_range, mask=m[0]), ssim(a[0], b[0], data_range), psnr(a[0], b[0], data_range, mask=m[0]))
+            for a, b, m in zip(x_hat, x, mask)]
+    names = (f"SSIM ({region})", "SSIM (volume)", f"PSNR ({region}, dB)")
+    return {name: float(v) for name, v in zip(names, np.mean(each, axis=0))}
+
+
+def reconstruction_table(outputs: dict[str, Any], x: Any, mask: Any, data_range: float = 1.0,
+                         region: str = "brain"):
+    """:func:`reconstruction_scores` of each entry of ``outputs`` ``{method: x_hat}`` against ``x``,
+    as a pandas DataFrame with one row per method, in the order given."""
+    import pandas as pd
+
+    if not hasattr(outputs, "items") or not outputs:
+        raise ValueError("outputs: expected a non-empty dict {method: volumes (B, 1, D, H, W)}")
+    return pd.DataFrame({name: reconstruction_scores(v, x, mask, data_range, region)
+                         for name, v in outputs.items()}).T
+
+
+def steepest_slope(profile: Any, samples_per_voxel: float = 1.0) -> float:
+    """The steepest change of a :func:`line_profile` between neighbouring samples, per voxel
+    (``samples_per_voxel`` samples to a voxel): how sharp the sharpest edge it crosses is."""
+    profile = as_array(profile, "profile")
+    if profile.ndim != 1 or profile.size < 2:
+        raise ValueError(f"profile: expected a 1D profile of at least 2 samples, got shape {profile.shape}")
+    if not (isinstance(samples_per_voxel, (int, float, np.number)) and samples_per_voxel > 0):
+        raise ValueError(f"samples_per_voxel: expected a positive number, got {samples_per_voxel!r}")
+    return float(np.abs(np.diff(profile)).max() * samples_per_voxel)

@@ -93,6 +93,18 @@ class Autoencoder3D(nn.Module):
         self.eval()
         return self.forward(x)
 
+    @torch.no_grad()
+    def reconstruct_without_code(self, x: torch.Tensor) -> torch.Tensor:
+        """D(0): what the decoder returns when the bottleneck carries nothing (no gradients, evaluation mode).
+
+        For this AE it is one volume, whatever ``x``: a network that describes brains by their
+        code has nothing left without it. ``x`` (B, C, D, H, W) only sets the batch size here;
+        the U-Net version also passes on its skips.
+        """
+        self.eval()
+        check_volumes(x, self.cfg.in_channels, self.cfg.size)
+        return self.decode(torch.zeros(len(x), self.cfg.latent_dim, device=x.device))
+
 
 class UNetAutoencoder3D(Autoencoder3D):
     """:class:`Autoencoder3D` plus the U-Net's skip connections (Ronneberger et al. 2015).
@@ -150,6 +162,14 @@ class UNetAutoencoder3D(Autoencoder3D):
         """1. encode, keeping the skips, 2. decode with them."""
         z, skips = self.encode_with_skips(x)
         return self.decode(z, skips)
+
+    @torch.no_grad()
+    def reconstruct_without_code(self, x: torch.Tensor) -> torch.Tensor:
+        """D(0, skips(x)): the bottleneck erased, the skips kept. If this still looks like ``x``, the
+        network copies its input around the bottleneck instead of describing it."""
+        self.eval()
+        z, skips = self.encode_with_skips(x)
+        return self.decode(torch.zeros_like(z), skips)
 
 
 class PCA3D:

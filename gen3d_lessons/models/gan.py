@@ -33,7 +33,8 @@ from torch import nn
 from ..blocks import (PatchDiscriminator3D, PatchDiscriminatorConfig, check_condition, conv_norm_act, norm,
                       sample_from_prior)
 
-__all__ = ["GeneratorConfig", "Generator3D", "DiscriminatorConfig", "Discriminator3D", "PatchCritic3D"]
+__all__ = ["GeneratorConfig", "Generator3D", "DiscriminatorConfig", "Discriminator3D", "PatchCritic3D",
+           "PatchDiscriminatorConfig"]   # the last: PatchCritic3D's config, from blocks
 
 
 # 1. The generator ------------------------------------------------------------------------------
@@ -111,13 +112,14 @@ class Generator3D(nn.Module):
         self.to(memory_format=torch.channels_last_3d)
 
     @torch.no_grad()
-    def set_template(self, mean_volume: torch.Tensor) -> None:
+    def set_template(self, mean_volume: torch.Tensor) -> "Generator3D":
         """Start the per-voxel output bias at the average training volume (C, D, H, W) or (1, C, D, H, W).
 
         The generator then draws the average anatomy from its first step, and the adversarial game
         only has to learn how volumes differ from it; without it, the few hundred steps a CPU
         affords at 32³ go into learning where the brain is. The bias keeps learning afterwards.
-        (With a sigmoid output the bias is the average's logit.)
+        (With a sigmoid output the bias is the average's logit.) Returns the generator itself,
+        like ``nn.Module.to``.
         """
         if self.template is None:
             raise ValueError("set_template: this generator was built with template=False")
@@ -125,6 +127,7 @@ class Generator3D(nn.Module):
         if not torch.isfinite(m).all():
             raise ValueError("mean_volume: contains NaN or infinite values")
         self.template.copy_(torch.logit(m.clamp(1e-3, 1 - 1e-3)) if self.cfg.output == "sigmoid" else m)
+        return self
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.cfg

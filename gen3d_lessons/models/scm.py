@@ -200,6 +200,23 @@ class DeepSCM:
         return (x_new + noise.eps_x if keep_residual else x_new), v_new.float()
 
     @torch.no_grad()
+    def decode_at_ages(self, z: torch.Tensor, ages: Any) -> torch.Tensor:
+        """The same codes ``z`` (B, Z) decoded at each of ``ages`` (A,): (A, B, C, D, H, W).
+
+        ``do(a := a_k)`` with the ventricles at their typical volume for that age (``ε_v = 0``)
+        and the image noise ``z`` held fixed: only age, and what follows from it, changes between
+        the rows. If the CVAE has learned what age looks like, so does each brain.
+        """
+        if z.ndim != 2 or z.shape[1] != self.image_model.cfg.latent_dim:
+            raise ValueError(f"z: expected shape (B, {self.image_model.cfg.latent_dim}), got {tuple(z.shape)}")
+        ages = torch.as_tensor(ages).reshape(-1)
+        typical = self.volume.predict(ages, torch.zeros(len(ages)))                     # (A,) ml at ε_v = 0
+        self.image_model.eval()
+        n = len(z)
+        return torch.stack([self.image_model.decode(z, self.condition(a.repeat(n), v.repeat(n)))
+                            for a, v in zip(ages, typical)])                             # (A, B, C, D, H, W)
+
+    @torch.no_grad()
     def sample(self, age: Any, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Brains of given ages, ``do(a := age)``: ε_v ~ N(0, 1), z ~ N(0, I); returns ``(x, v)``."""
         a = _ages(age)

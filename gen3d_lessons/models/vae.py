@@ -128,6 +128,23 @@ class VAE3D(nn.Module):
         return self.decode(mu, c)
 
     @torch.no_grad()
+    def interpolate(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode the straight line between the posterior means of two volumes x = (x_0, x_1), (2, C, D, H, W).
+
+        ``z(t) = (1 - t) mu_phi(x_0) + t mu_phi(x_1)`` for each ``t`` (T,) in [0, 1]: returns (T, C, D, H, W).
+        A path through a latent space that was trained to be smooth should decode to one brain
+        at every point, not to two overlaid ones (the voxel cross-fade). ``c``: (2, K) for a CVAE.
+        """
+        if x.ndim != 5 or len(x) != 2:
+            raise ValueError(f"x: expected the two end points (2, C, D, H, W), got {tuple(x.shape)}")
+        if t.ndim != 1:
+            raise ValueError(f"t: expected fractions (T,), got shape {tuple(t.shape)}")
+        mu, _ = self.encode(x, c)                                # (2, Z)
+        t = t.to(mu.device)[:, None]                             # (T, 1)
+        c_t = None if c is None else (1 - t) * c[:1].to(mu.device) + t * c[1:].to(mu.device)
+        return self.decode((1 - t) * mu[:1] + t * mu[1:], c_t)  # (T, C, D, H, W)
+
+    @torch.no_grad()
     def sample(self, n: int, c: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """n volumes from the prior: z ~ N(0, I), x = decode(z[, c])."""
         device = next(self.parameters()).device

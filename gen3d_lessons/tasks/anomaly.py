@@ -24,10 +24,12 @@ volumes between the two spaces. A detector with ``registered=True`` works in tem
 (the model was trained on registered volumes) and needs every subject's displacement; its map
 is always returned in the subject's own space.
 
-:func:`score` is the checked entry point: ``score(detector, image, condition=..., displacement=...)``.
+:func:`score` is the checked entry point: ``score(detector, image, condition=..., displacement=...)``;
+:func:`score_cohort` calls it on every subject of a :class:`Cohort`, a batch at a time.
 :func:`gen3d_lessons.metrics.detection.evaluate` measures maps against lesion masks: voxel-level
 AUROC and AUPRC, the best Dice any threshold of the map reaches, and a volume-level AUROC
-(healthy vs. lesioned subjects).
+(healthy vs. lesioned subjects); :func:`~gen3d_lessons.metrics.detection.detection_table` puts
+every detector's numbers in one table.
 
 Lesions in our phantoms are bright on FLAIR and T2, so the maps are *signed* by default
 (``polarity="bright"``: ``x - x_hat``): a voxel darker than expected is less suspicious than one
@@ -476,6 +478,20 @@ def score(detector: Detector, image: Any, *, condition: Any = None, displacement
     return a[0] if single else a
 
 
+def score_cohort(detector: Detector, cohort: Cohort, batch: int = 16) -> torch.Tensor:
+    """The map of every subject of ``cohort`` under ``detector``, (N, D, H, W), ``batch`` subjects at a time.
+
+    Each subject's displacement goes along, and its condition (:func:`age_site_condition`) where
+    the detector needs one; a batch bounds the memory a detector needs, not the result.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"batch: expected a positive integer, got {batch!r}")
+    condition = age_site_condition(cohort.attributes) if "condition" in detector.needs else None
+    parts = range(0, len(cohort), batch)
+    return torch.cat([score(detector, cohort.image[i:i + batch], displacement=cohort.displacement[i:i + batch],
+                            condition=None if condition is None else condition[i:i + batch])[:, 0] for i in parts])
+
+
 def _device_of(detector: Detector) -> torch.device:
     if isinstance(detector, StandardisedDetector):
         return _device_of(detector.detector)
@@ -490,4 +506,4 @@ def _device_of(detector: Detector) -> torch.device:
 
 __all__ = ["Cohort", "phantom_cohort", "age_site_condition", "invert_displacement", "to_template", "to_subject",
            "Detector", "ZScoreAtlas", "ResidualDetector", "VQTransformerDetector", "StandardisedDetector", "score",
-           "signed_residual"]
+           "score_cohort", "signed_residual"]

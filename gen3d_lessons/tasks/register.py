@@ -6,7 +6,15 @@
 - :func:`register_iterative` is the classical baseline: gradient descent on a displacement or
   velocity field for *one* pair, with the same loss a network is trained with (the affine baseline,
   12 numbers instead of a field, is :func:`gen3d_lessons.baselines.registration.register_affine`);
-- :func:`warp_labels` carries label maps (or tissue probabilities) through a displacement.
+- :func:`warp_labels` carries label maps (or tissue probabilities) through a displacement;
+- the evaluation of any method that ends in a displacement field (chapter 13 runs it on atlases and hearts):
+  :func:`score_fields` (one row of a results table), :func:`seconds_per_pair`, :func:`timed_batch`,
+  :func:`optimiser_curve` (the optimiser's accuracy against its time), :func:`optimiser_match`
+  (how long the optimiser needs to match a network), :func:`folding_scores` and
+  :func:`folding_by_parametrisation` (what a velocity field buys), and the local volume
+  change of a motion (:func:`mean_jacobian`, :func:`volume_change`, :func:`volume_change_summary`);
+- the data those evaluations read: :func:`brain_atlas` (the phantoms' template as an atlas) and
+  :func:`cine_pairs` (each heart's end-diastole and end-systole, on isotropic voxels).
 
 Tensors are (B, C, D, H, W); displacements (B, 3, D, H, W) in voxels, on the fixed image's grid:
 ``warped(x) = moving(x + u(x))`` (see :mod:`gen3d_lessons.spatial`).
@@ -15,14 +23,18 @@ Tensors are (B, C, D, H, W); displacements (B, 3, D, H, W) in voxels, on the fix
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from .. import spatial
+from ..data.brain import brain_template
+from ..data.datasets import CaseRecord, load_case, stack_cine_phases
 from ..data.io import check_volume
+from ..metrics import score_segmentation
 from ..training.registration import RegistrationLoss
 from ..profiles import step_cap
 
@@ -199,3 +211,257 @@ def register(moving: Any, fixed: Any, model: torch.nn.Module | None = None, *, m
     warped = warped[..., 0] if len(moving.shape) == 3 else warped
     warped_labels = None if labels is None else warp_labels(labels, u)[0].numpy()
     return Registered(u[0].numpy(), warped.numpy(), warped_labels, seconds)
+
+
+# 3. Scoring a method: its fields, its time -----------------------------------------------------
+
+def score_fields(displacement: torch.Tensor, moving_labels: torch.Tensor, fixed_labels: torch.Tensor,
+                 classes: Mapping[str, int], spacing: Any = None, seconds: float = 0.0) -> dict[str, float]:
+    """One row of a registration table: the moving labels carried through each field, scored.
+
+    ``displacement`` (N, 3, D, H, W) registers N pairs; ``moving_labels`` (1 or N, K, D, H, W) are
+    class probabilities (one atlas for every pair, or one map per pair), carried by
+    :func:`warp_labels`; ``fixed_labels`` (N, D, H, W) the integer labels they are scored against,
+    for the ``classes`` ``{name: value}``, with voxels of ``spacing`` mm. The row: the mean over
+    classes of each class's mean Dice over pairs, the Dice of each class, HD95 (mm: the median over
+    pairs of each class, averaged over the classes), the share of folded voxels (%) and ``seconds``.
+    """
+    n = displacement.shape[0]
+    if moving_labels.shape[0] not in (1, n) or fixed_labels.shape[0] != n:
+        raise ValueError(f"moving_labels, fixed_labels: expected 1 or {n} and {n} items for {n} displacements, "
+                         f"got {moving_labels.shape[0]} and {fixed_labels.shape[0]}")
+    warped = warp_labels(moving_labels.expand(n, *moving_labels.shape[1:]), displacement)    # (N, D, H, W)
+    rows = pd.DataFrame([r for w, y in zip(warped, fixed_labels)
+                         for r in score_segmentation(w, y, dict(classes), spacing)])     # one row per pair and class
+    per_class = rows.groupby("class", sort=False)
+    dice = per_class["Dice"].mean()
+    return {"mean Dice": dice.mean(), **{f"Dice {c}": dice[c] for c in classes},
+            "HD95 (mm)": per_class["HD95"].median().mean(),
+            "folded voxels (%)": 100 * spatial.folding_fraction(displacement).mean().item(), "s per pair": seconds}
+
+
+def folding_scores(displacement: torch.Tensor, moving_labels: torch.Tensor, fixed_labels: torch.Tensor,
+                   classes: Mapping[str, int], spacing: Any = None) -> dict[str, float]:
+    """How much a field folds, and what it buys: folded voxels (%), the smallest det J, and the mean Dice.
+
+    Inputs as for :func:`score_fields`; ``fixed_labels`` may hold more items than there are
+    fields (the first N are used). The mean Dice is the mean over pairs of each pair's mean over
+    ``classes``.
+    """
+    n = displacement.shape[0]
+    if moving_labels.shape[0] not in (1, n) or fixed_labels.shape[0] < n:
+        raise ValueError(f"moving_labels, fixed_labels: expected 1 or {n} and at least {n} items for {n} "
+                         f"displacements, got {moving_labels.shape[0]} and {fixed_labels.shape[0]}")
+    warped = warp_labels(moving_labels.expand(n, *moving_labels.shape[1:]), displacement)    # (N, D, H, W)
+    dice = [np.mean([r["Dice"] for r in score_segmentation(w, y, dict(classes), spacing)])
+            for w, y in zip(warped, fixed_labels)]
+    return {"folded voxels (%)": 100 * spatial.folding_fraction(displacement).mean().item(),
+            "min det J": spatial.jacobian_determinant(displacement).min().item(), "mean Dice": float(np.mean(dice))}
+
+
+def folding_by_parametrisation(moving: torch.Tensor, moving_labels: torch.Tensor, fixed: torch.Tensor,
+                               fixed_labels: torch.Tensor, classes: Mapping[str, int], spacing: Any,
+                               loss_fn: RegistrationLoss, *, steps: int, lr: float = 0.1) -> pd.DataFrame:
+    """What integrating a velocity buys: the optimiser free on the full grid, as a displacement and as a velocity.
+
+    Runs :func:`register_iterative` twice on the pairs (``grid=None``: a vector per voxel), once
+    for ``phi = id + u`` and once for ``phi = exp(v)``, with the same ``loss_fn`` (give it a light
+    regulariser, so that nothing but the parametrisation keeps the field from folding), and scores
+    each with :func:`folding_scores`. Rows ``"displacement, id + u"`` and ``"velocity, exp(v)"``.
+    """
+    rows = {}
+    for name, diffeomorphic in (("displacement, id + u", False), ("velocity, exp(v)", True)):
+        u = register_iterative(_broadcast(moving, len(fixed)), fixed, loss_fn, grid=None, steps=steps, lr=lr,
+                               diffeomorphic=diffeomorphic)
+        rows[name] = folding_scores(u, moving_labels, fixed_labels, classes, spacing)
+    return pd.DataFrame(rows).T
+
+
+def seconds_per_pair(register_batch: Callable[[torch.Tensor], Any], fixed: torch.Tensor, n: int) -> float:
+    """Wall-clock seconds of ``register_batch(fixed[i:i + 1])``, one pair at a time, averaged over the first ``n``.
+
+    One pair at a time, as a user registering a new scan would: a batch would share the overheads.
+    """
+    if n < 1 or n > len(fixed):
+        raise ValueError(f"n: expected 1 to {len(fixed)} pairs to time, got {n}")
+    t0 = time.perf_counter()
+    for i in range(n):
+        register_batch(fixed[i:i + 1])
+    return (time.perf_counter() - t0) / n
+
+
+def timed_batch(register_batch: Callable[[torch.Tensor], torch.Tensor],
+                fixed: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``register_batch(fixed)`` on all pairs at once: its result and the seconds per pair (the batch's time over N)."""
+    t0 = time.perf_counter()
+    out = register_batch(fixed)
+    return out, (time.perf_counter() - t0) / len(fixed)
+
+
+def _broadcast(moving: torch.Tensor, n: int) -> torch.Tensor:
+    """The moving images for n pairs: one atlas (1, C, *S) repeated, or already (n, C, *S)."""
+    if moving.shape[0] not in (1, n):
+        raise ValueError(f"moving: expected 1 or {n} images for {n} fixed ones, got {moving.shape[0]}")
+    return moving.expand(n, *moving.shape[1:])
+
+
+def optimiser_curve(moving: torch.Tensor, fixed: torch.Tensor, loss_fn: RegistrationLoss,
+                    score: Callable[[torch.Tensor, float], dict[str, float]], *, at_steps: Sequence[int],
+                    n_timed: int, **options: Any) -> dict[str, dict[str, float]]:
+    """The iterative optimiser's accuracy against its time: one row ``"iterative, k steps"`` per ``at_steps``.
+
+    The fields: one :func:`iterative_path` on all pairs at once (``moving`` (1 or N, C, *S) to
+    ``fixed`` (N, C, *S)), scored by ``score(u, seconds)`` (e.g. :func:`score_fields` with the labels
+    bound). The seconds: the same path run one pair at a time on the first ``n_timed`` pairs and
+    averaged, with the clock read at each step count. A run of k steps is the first k steps of any
+    longer run, so one run gives every row. ``options`` go to :func:`iterative_path`.
+    """
+    if n_timed < 1 or n_timed > len(fixed):
+        raise ValueError(f"n_timed: expected 1 to {len(fixed)} pairs to time, got {n_timed}")
+    moving = _broadcast(moving, len(fixed))
+    timed = [iterative_path(moving[i:i + 1], fixed[i:i + 1], loss_fn, at_steps=at_steps, **options)
+             for i in range(n_timed)]                                            # one pair at a time: the seconds
+    rows = {}
+    for k, snapshot in enumerate(iterative_path(moving, fixed, loss_fn, at_steps=at_steps, **options)):  # the fields
+        rows[f"iterative, {snapshot.step} steps"] = score(snapshot.displacement, np.mean([t[k].seconds for t in timed]))
+    return rows
+
+
+@torch.no_grad()
+def network_displacement(model: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """One forward pass of a registration network: u (N, 3, D, H, W) on the CPU.
+
+    ``moving`` (1 or N, C, *S) is broadcast to ``fixed`` (N, C, *S); both go to the model's device.
+    """
+    device = next(model.parameters()).device
+    return model(_broadcast(moving, len(fixed)).to(device), fixed.to(device)).displacement.cpu()
+
+
+class OptimiserMatch(NamedTuple):
+    """What :func:`optimiser_match` finds in a table."""
+
+    row: str            # the cheapest optimiser row that reaches the network's Dice, else the longest run
+    reached: bool       # whether any optimiser row reaches it
+    steps: int          # that row's number of steps
+    speedup: float      # that row's seconds per pair over the network's
+    longest: str        # the optimiser's longest run
+    longest_steps: int
+
+
+def optimiser_match(table: pd.DataFrame, network: str, prefix: str = "iterative") -> OptimiserMatch:
+    """How long does the optimiser need to reach the network's Dice? "Faster at comparable accuracy", measured.
+
+    ``table`` has one row per method (index ``"<prefix>, k steps"`` for the optimiser, in
+    increasing k) and the columns ``"mean Dice"`` and ``"s per pair"`` (:func:`score_fields`).
+    """
+    curve = table[table.index.str.startswith(prefix)]
+    if network not in table.index or curve.empty:
+        raise ValueError(f"table: needs a row {network!r} and rows starting with {prefix!r}; has {list(table.index)}")
+    steps_of = lambda row: int(row.split()[1])                           # "iterative, 20 steps" -> 20
+    reaching = curve[curve["mean Dice"] >= table.loc[network, "mean Dice"]]
+    row = reaching.index[0] if len(reaching) else curve.index[-1]       # the cheapest run that matches
+    speedup = table.loc[row, "s per pair"] / table.loc[network, "s per pair"]
+    return OptimiserMatch(row, bool(len(reaching)), steps_of(row), speedup, curve.index[-1], steps_of(curve.index[-1]))
+
+
+# 4. The motion of a heart: local volume change -------------------------------------------------
+
+class CinePairs(NamedTuple):
+    """End-diastole (moving) and end-systole (fixed) of each case, from :func:`cine_pairs`."""
+
+    moving: torch.Tensor            # ED images (N, 1, X, Y, Z)
+    fixed: torch.Tensor             # ES images (N, 1, X, Y, Z)
+    moving_labels: torch.Tensor     # ED label fractions (N, K, X, Y, Z)
+    fixed_labels: torch.Tensor      # ES label fractions (N, K, X, Y, Z)
+    spacing: tuple[float, ...]      # the voxel size after pooling (mm)
+
+
+def cine_pairs(records: Sequence[CaseRecord], z: slice = slice(None), pool: Sequence[int] = (2, 2, 1),
+               num_classes: int = 4) -> CinePairs:
+    """Each cine case's ED and ES frames, slices ``z``, averaged over ``pool`` voxels: a pair to register.
+
+    Averaging pairs of in-plane pixels of a stack whose slices are twice as thick gives isotropic
+    voxels, so that a field smooth in voxels is smooth in millimetres too. The label maps become
+    the fraction of each of ``num_classes`` classes in a pooled voxel. Reads the frames with
+    :func:`~gen3d_lessons.data.datasets.stack_cine_phases`; the spacing is the first case's.
+    """
+    if not records:
+        raise ValueError("records: no cases")
+    images, labels, phases = stack_cine_phases(records, z=z)          # ED, ES, ED, ES ...
+    if phases[0::2] != ["ED"] * len(records) or phases[1::2] != ["ES"] * len(records):
+        raise ValueError(f"records: expected ED, ES frames in turn, got {phases}")
+    pool = tuple(int(p) for p in pool)
+    images = F.avg_pool3d(images, pool)
+    fractions = F.avg_pool3d(F.one_hot(labels[:, 0].long(), num_classes).movedim(-1, 1).float(), pool)
+    spacing = load_case(records[0], ["label"])["label"].spacing                    # (mm) before pooling
+    return CinePairs(images[0::2], images[1::2], fractions[0::2], fractions[1::2],
+                     tuple(s * f for s, f in zip(spacing, pool)))
+
+
+def mean_jacobian(displacement: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """The mean of det J over the voxels of a boolean ``mask`` (N, D, H, W), one per field: (N,)."""
+    if mask.shape != (displacement.shape[0], *displacement.shape[2:]):
+        raise ValueError(f"mask: expected shape {(displacement.shape[0], *displacement.shape[2:])}, "
+                         f"got {tuple(mask.shape)}")
+    det = spatial.jacobian_determinant(displacement)
+    return ((det * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)).numpy()
+
+
+def volume_change(fields: Mapping[str, torch.Tensor], moving_fractions: torch.Tensor, fixed_fractions: torch.Tensor,
+                  structures: Mapping[str, int], ratio: str = "volume ratio",
+                  index: Sequence[Any] | None = None) -> pd.DataFrame:
+    """How each field changes the volume of each structure: one row per pair (labelled by ``index``, if given).
+
+    A field on the fixed grid looks each fixed voxel up in the moving image, so inside a structure
+    of the *fixed* labels its det J is the factor by which that structure's content was larger in
+    the moving image. Columns: ``ratio``, the first structure's moving volume over its fixed volume
+    from the label fractions (N, K, *S), then ``"<structure> det J, <field>"`` for every structure and
+    field (:func:`mean_jacobian` over the structure's voxels at the fixed time).
+    """
+    first = next(iter(structures.values()))
+    volumes = moving_fractions[:, first].flatten(1).sum(1) / fixed_fractions[:, first].flatten(1).sum(1)
+    table = {ratio: volumes.numpy()}
+    fixed_labels = fixed_fractions.argmax(1)                                          # (N, *S)
+    for name, value in structures.items():
+        for method, u in fields.items():
+            table[f"{name} det J, {method}"] = mean_jacobian(u, fixed_labels == value)
+    return pd.DataFrame(table, index=None if index is None else list(index))
+
+
+def volume_change_summary(table: pd.DataFrame, methods: Sequence[str], cavity: str, wall: str,
+                          ratio: str = "volume ratio") -> pd.DataFrame:
+    """What :func:`volume_change` says about each method, over all pairs: one row per method.
+
+    Columns: ``cavity`` and ``wall``, the mean det J in the ``cavity`` structure and in the ``wall``
+    structure; ``corr``, the correlation across pairs of the cavity's det J with the ``ratio``;
+    ``recovered``, the share of the volume change the cavity's det J holds,
+    ``(mean det J - 1) / (mean ratio - 1)``; ``wall_steady``, whether the wall changes less than the
+    cavity (``|det J - 1|`` on the means), as muscle that keeps its volume should.
+    """
+    mean_ratio = table[ratio].mean()
+    rows = {}
+    for m in methods:
+        inside, around = table[f"{cavity} det J, {m}"].mean(), table[f"{wall} det J, {m}"].mean()
+        rows[m] = {"cavity": inside, "wall": around,
+                   "corr": float(np.corrcoef(table[ratio], table[f"{cavity} det J, {m}"])[0, 1]),
+                   "recovered": (inside - 1) / (mean_ratio - 1), "wall_steady": bool(abs(around - 1) < abs(inside - 1))}
+    return pd.DataFrame(rows).T
+
+
+# 5. The brain phantoms' atlas ------------------------------------------------------------------
+
+class Atlas(NamedTuple):
+    """An atlas for registration: what is moved onto each subject, and what it carries along."""
+
+    image: torch.Tensor             # (1, 1, D, H, W): T1
+    probabilities: torch.Tensor     # (1, K, D, H, W): background, CSF, GM, WM
+    labels: np.ndarray              # (D, H, W) integer labels
+    spacing: tuple[float, ...]      # isotropic voxels (mm)
+
+
+def brain_atlas(size: int) -> Atlas:
+    """The template the brain phantoms are made from (:func:`~gen3d_lessons.data.brain.brain_template`), as an atlas."""
+    template = brain_template(size)
+    return Atlas(torch.from_numpy(template["image"][..., 0])[None, None],
+                 torch.from_numpy(template["probabilities"]).permute(3, 0, 1, 2)[None],
+                 template["label"], (float(abs(template["affine"][0, 0])),) * 3)

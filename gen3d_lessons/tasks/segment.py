@@ -17,7 +17,10 @@
    curve, bias field, blur, thick slices, noise, pose and field of view, so that no single
    contrast, resolution or scanner is "the" training domain; :func:`unseen_conditions` makes
    test images that differ from the training data in one way each;
-5. :func:`train_brain_segmenter`, which chapter 10 of the book uses to train the saved network.
+5. :func:`train_brain_segmenter`, which chapter 10 of the book uses to train the saved network;
+6. tables that compare segmenters: :func:`score_table` (Dice, HD95 and ASSD of several methods on
+   a test set, per volume and summarised per class), :func:`mean_tissue_dice` and
+   :func:`robustness_study` (T1 networks against Otsu, by site and under unseen conditions).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +39,9 @@ from .. import spatial
 from ..data.errors import DataError
 from ..data.io import check_volume, load_nifti
 from ..models.unet import UNet3D, UNetConfig, pad_to_multiple
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 BRAIN_TISSUES = ("background", "CSF", "GM", "WM")
 
@@ -443,8 +449,7 @@ def train_brain_segmenter(images: torch.Tensor, labels: torch.Tensor, spacing_mm
     from monai.losses import DiceCELoss
 
     from ..data.batches import CropBatches
-    from ..training import fit
-    from ..training.segmentation import one_cycle, seg_step
+    from ..training.segmentation import train_segmenter
 
     check_volume(images, "images", ndim=5)
     check_volume(labels, "labels", ndim=5)
@@ -458,11 +463,111 @@ def train_brain_segmenter(images: torch.Tensor, labels: torch.Tensor, spacing_mm
     torch.manual_seed(seed)
     model = copy.deepcopy(init) if init is not None else UNet3D(unet)
     model = model.to(device, memory_format=torch.channels_last_3d).train()   # channels last: ~25 % faster on CPU
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     batches = CropBatches(normalize_intensity(images), labels, crop=crop, batch_size=batch_size, seed=seed,
                           transform=partial(domain_randomize, cfg=synth, p_synthetic=p_synthetic,
                                             n_labels=unet.out_channels))
-    step = partial(seg_step, model=model, optimizer=optimizer, scheduler=one_cycle(optimizer, max_steps),
-                   loss_fn=DiceCELoss(to_onehot_y=True, softmax=True, batch=True))
-    history = fit(step, batches, max_steps=max_steps, budget_s=budget_s, desc=desc)
+    history = train_segmenter(model, batches, DiceCELoss(to_onehot_y=True, softmax=True, batch=True), lr=lr,
+                              max_steps=max_steps, budget_s=budget_s, desc=desc)
     return model.eval(), cfg, history
+
+
+# 6. Comparing segmenters on a test set -------------------------------------------------------------
+
+def tissue_map(labels: torch.Tensor, lesion: int = 4, tissue: int = 3) -> torch.Tensor:
+    """The labels with every ``lesion`` voxel counted as ``tissue``: a lesion lies in white matter,
+    so a brain's map of CSF, GM and WM (labels 0-3) calls it WM. Same shape and dtype."""
+    return torch.where(labels == lesion, tissue, labels)
+
+
+def score_table(preds: Mapping[str, Sequence[Any]], targets: Sequence[Any], classes: Mapping[str, int],
+                spacing: Any = None, *, extra_classes: Mapping[str, Mapping[str, int]] | None = None,
+                info: Mapping[str, Sequence[Any]] | None = None, by: Sequence[str] = ("model",),
+                mean: str = "mean") -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    """Score several segmenters on one test set: ``(scores, table)``.
+
+    ``preds`` maps a method's name to its label maps, one (*S) per volume of ``targets``;
+    ``classes`` names the labels every method is scored on, ``{"CSF": 1, ...}``, and
+    ``extra_classes[name]`` adds labels for one method only (a lesion that only the networks know).
+    ``scores`` holds one row per method, volume and class (columns ``model``, the ``info`` columns,
+    ``class``, ``Dice``, ``HD95``, ``ASSD``; ``info`` gives one value per volume, by default
+    ``case``: its index). ``table`` has one row per method (per group of ``by``) and, per class,
+    the mean Dice and the *median* HD95 and ASSD (a structure that a method misses entirely has an
+    infinite distance); its first column, ``("Dice", mean)``, is the mean Dice over ``classes``.
+    """
+    import pandas as pd
+
+    from ..metrics.segmentation import score_segmentation
+
+    info = {"case": range(len(targets))} if info is None else info
+    extra_classes = {} if extra_classes is None else extra_classes
+    for name, maps in preds.items():
+        if len(maps) != len(targets):
+            raise ValueError(f"preds[{name!r}]: {len(maps)} label maps for {len(targets)} targets")
+    for key, values in info.items():
+        if len(values) != len(targets):
+            raise ValueError(f"info[{key!r}]: {len(values)} values for {len(targets)} targets")
+    rows = [{"model": name, **{key: values[n] for key, values in info.items()}, **row}
+            for name, maps in preds.items() for n, (p, y) in enumerate(zip(maps, targets))
+            for row in score_segmentation(p, y, dict(classes) | dict(extra_classes.get(name, {})), spacing)]
+    scores = pd.DataFrame(rows)
+    table = scores.groupby([*by, "class"], sort=False).agg(Dice=("Dice", "mean"), HD95=("HD95", "median"),
+                                                           ASSD=("ASSD", "median")).unstack("class")
+    table.insert(0, ("Dice", mean), table["Dice"][list(classes)].mean(axis=1))
+    return scores, table
+
+
+def mean_tissue_dice(models: Mapping[str, torch.nn.Module], images: torch.Tensor, labels: Any,
+                     device: Any = None) -> "pd.DataFrame":
+    """Mean Dice over CSF, GM and WM of every volume, for each T1 network and for Otsu's thresholds.
+
+    ``images`` (N, 1, *S) are T1 volumes as read (each network sees them through
+    :func:`normalize_intensity`, as :func:`predict` does); ``labels`` (N, *S) their tissue maps
+    (0-3). Otsu is given the true brain mask (``labels > 0``). One row per volume, one column per
+    network and ``"Otsu"`` last.
+    """
+    import pandas as pd
+
+    from ..baselines.segmentation import threshold_segmentation
+    from ..metrics.segmentation import dice
+
+    check_volume(images, "images", ndim=5)
+    if len(labels) != len(images):
+        raise ValueError(f"labels: {len(labels)} label maps for {len(images)} images")
+    labels = np.asarray(labels)
+    mean_dice = lambda p, t: np.nanmean(list(dice(p, t, labels=[1, 2, 3]).values()))   # noqa: E731
+    out = {name: [mean_dice(p, t) for p, t in zip(predict_labels(m, normalize_intensity(images), device).numpy(), labels)]
+           for name, m in models.items()}
+    otsu = [mean_dice(threshold_segmentation(v[0].numpy(), t > 0), t) for v, t in zip(images, labels)]
+    return pd.DataFrame(out | {"Otsu": otsu})
+
+
+def robustness_study(models: Mapping[str, torch.nn.Module], cases: Sequence[Any], images: torch.Tensor,
+                     labels: Any, per_site: int = 1, device: Any = None,
+                     seed: int = 0) -> tuple["pd.DataFrame", "pd.DataFrame", "pd.DataFrame"]:
+    """How T1 networks hold up on test brains from every site and under :func:`unseen_conditions`.
+
+    ``cases`` are the test records of the brain cohort (their ``site`` attribute and ``lowdose``
+    copies), ``images`` (N, 1, *S) their T1 volumes and ``labels`` (N, *S) their tissue maps.
+    Returns ``(clean, by_site, robust)``: :func:`mean_tissue_dice` of every test brain; its mean
+    per site; and the mean over ``per_site`` brains of every site of each condition (rows ``clean``,
+    ``low-dose``, ``thick slices``, ... ; columns the networks and ``Otsu``). ``seed`` draws the
+    bias fields.
+    """
+    import pandas as pd
+
+    from ..data.datasets import stack_cases
+
+    if len(cases) != len(images):
+        raise ValueError(f"cases: {len(cases)} records for {len(images)} images")
+    if per_site < 1:
+        raise ValueError(f"per_site: expected at least one brain per site, got {per_site}")
+    labels = np.asarray(labels)
+    sites = np.array([c.attributes["site"] for c in cases])
+    clean = mean_tissue_dice(models, images, labels, device)
+    by_site = clean.groupby([f"site {s}" for s in sites]).mean().rename_axis("clean test T1, by site")
+    pick = np.concatenate([np.flatnonzero(sites == s)[:per_site] for s in np.unique(sites)])   # every site
+    lowdose = stack_cases([cases[i] for i in pick], channels=[0], image_key="lowdose")[0]
+    conditions = unseen_conditions(images[pick], lowdose, torch.Generator().manual_seed(seed))
+    robust = pd.DataFrame({c: mean_tissue_dice(models, x, labels[pick], device).mean()
+                           for c, x in conditions.items()}).T
+    return clean, by_site, robust.rename_axis(f"mean tissue Dice, {len(pick)} test brains")

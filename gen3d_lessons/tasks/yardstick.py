@@ -401,3 +401,231 @@ def table(rows: Mapping[str, Mapping[str, float]], columns: Sequence[str] = COLU
     import pandas as pd
 
     return pd.DataFrame({name: {c: row[c] for c in columns} for name, row in rows.items()}).T
+
+
+# 3. Reading a table: ratios to the baseline, the numbers to record (chapter 3 and after) -------
+
+__all__ += ["Splits", "load_splits", "heads_table", "fd_to", "ratio_table", "row_summary", "best_model", "table_metrics",
+            "condition_readback"]
+
+BASELINE = "mean + noise"           # the reference row every model must beat
+
+
+@dataclass
+class Splits:
+    """The brain cohort as a generative chapter uses it, volumes ``(N, C, size, size, size)``;
+    unpack it, ``train, val, heldout, train_attrs, val_attrs = load_splits(...)``.
+
+    ``train`` is what a generator learns from; ``val`` (drawn at random from the training split)
+    only chooses checkpoints; ``heldout`` (the test split) is never seen by any model.
+    ``train_attrs`` and ``val_attrs`` are the attribute tables (age, site, ...) in the order of
+    the volumes.
+    """
+
+    train: torch.Tensor
+    val: torch.Tensor
+    heldout: torch.Tensor
+    train_attrs: Any                 # pandas DataFrame, one row per volume of train
+    val_attrs: Any                   # one row per volume of val
+
+    def __iter__(self):
+        return iter((self.train, self.val, self.heldout, self.train_attrs, self.val_attrs))
+
+
+def load_splits(folder: str | Path, size: int = 32, seed: int = 0, n_val: int | None = None,
+                channels: Sequence[str | int] = ("T1",)) -> Splits:
+    """The dataset's training split divided into training and validation volumes, and its test split.
+
+    ``n_val`` volumes (default: as many as the test split holds) are drawn without replacement
+    with ``numpy.random.default_rng(seed)``; the rest, in their original order, are the training
+    volumes.
+    """
+    train_all, heldout = (load_volumes(folder, split, size=size, channels=channels) for split in ("train", "test"))
+    attrs = read_dataset(folder).attributes_table().query("split == 'train'")      # one row per volume of train_all
+    if len(attrs) != len(train_all):
+        raise ValueError(f"{folder}: {len(attrs)} attribute rows for {len(train_all)} training volumes")
+    n_val = len(heldout) if n_val is None else int(n_val)
+    if not 0 < n_val < len(train_all):
+        raise ValueError(f"n_val: expected 1..{len(train_all) - 1} validation volumes, got {n_val}")
+    is_val = np.isin(np.arange(len(train_all)), np.random.default_rng(seed).choice(len(train_all), n_val, replace=False))
+    (train, train_attrs), (val, val_attrs) = ((train_all[torch.from_numpy(m)], attrs[m]) for m in (~is_val, is_val))
+    return Splits(train, val, heldout, train_attrs, val_attrs)
+
+
+def heads_table(encoder: YardstickEncoder):
+    """How well the encoder's heads predict held-out brains (``encoder.heldout``), beside the
+    trivial guess from the training split (the mean age, the commonest site, the commoner lesion
+    status), as a pandas DataFrame with one row per measure. The encoder need not be an expert:
+    it only has to place real brains together and everything else elsewhere."""
+    import pandas as pd
+
+    h = encoder.heldout
+    measures = {"age MAE (years)": "age_mae", "site accuracy": "site_acc", "lesion accuracy": "lesion_acc",
+                "age R²": "age_r2", "lesion AUC": "lesion_auc", "tissue volumes R²": "volumes_r2"}
+    return pd.DataFrame({"encoder": {m: h[k] for m, k in measures.items()},
+                         "trivial guess": {m: h.get(f"{k}_baseline", math.nan) for m, k in measures.items()}})
+
+
+def fd_to(encoder: YardstickEncoder, reference: Any, volumes: Mapping[str, Any]) -> dict[str, float]:
+    """FD of each set of ``volumes`` ``{name: (N, C, D, H, W)}`` to one ``reference`` set, in the
+    encoder's features: e.g. the reference rows on the scale of a probe that compares with a
+    validation split (:func:`fd_probe`)."""
+    f_ref = encoder.features(reference)
+    return {name: frechet_distance(encoder.features(x), f_ref) for name, x in volumes.items()}
+
+
+def ratio_table(rows: Mapping[str, Mapping[str, float]], baseline: str = BASELINE,
+                columns: Sequence[str] = COLUMNS):
+    """:func:`table` with two more columns: ``FD / baseline``, a row's FD as a fraction of the
+    baseline's (1: no better than the baseline, 0: a perfect FD), and ``memorisation check``
+    (pass / fail, :func:`~gen3d_lessons.metrics.generative.memorisation_passed`)."""
+    from ..metrics.generative import memorisation_passed
+
+    if baseline not in rows:
+        raise ValueError(f"baseline: {baseline!r} is not a row; rows: {', '.join(rows)}")
+    t = table(rows, columns)
+    t["FD / baseline"] = t.fd / t.fd[baseline]
+    t["memorisation check"] = ["pass" if memorisation_passed(rows[r]) else "fail" for r in t.index]
+    return t
+
+
+def row_summary(rows: Mapping[str, Mapping[str, float]], name: str, baseline: str = BASELINE) -> dict[str, float]:
+    """What prose says about one row: ``ratio`` (its FD / the baseline's), ``one_nn``, ``ms_ssim``, ``mem_ratio``."""
+    if name not in rows or baseline not in rows:
+        raise ValueError(f"rows: need {name!r} and {baseline!r}; rows: {', '.join(rows)}")
+    return {"ratio": rows[name]["fd"] / rows[baseline]["fd"], **{c: rows[name][c] for c in ("one_nn", "ms_ssim", "mem_ratio")}}
+
+
+def best_model(rows: Mapping[str, Mapping[str, float]], models: Sequence[str], baseline: str = BASELINE,
+               rival: str = "PCA Gaussian samples") -> dict[str, Any]:
+    """The comparisons the result of a synthesis chapter makes, read from its table.
+
+    Returns ``name``, the model with the lowest FD (the first of equals, in ``models``' order);
+    its ``ratio``, FD / the baseline's; ``below_rival``, whether its FD is below the ``rival`` row's
+    (the classical generator to beat); ``all_beat_baseline``, whether every model's FD is below the
+    baseline's; and ``memorisation``, whether the best passes the memorisation check.
+    """
+    from ..metrics.generative import memorisation_passed
+
+    missing = [r for r in (*models, baseline, rival) if r not in rows]
+    if not models or missing:
+        raise ValueError(f"rows: need the models, {baseline!r} and {rival!r}; missing {missing or 'models'}")
+    ratios = {m: rows[m]["fd"] / rows[baseline]["fd"] for m in models}
+    name = min(ratios, key=ratios.get)
+    return {"name": name, "ratio": ratios[name], "below_rival": bool(rows[name]["fd"] < rows[rival]["fd"]),
+            "all_beat_baseline": all(r < 1 for r in ratios.values()), "memorisation": memorisation_passed(rows[name])}
+
+
+def table_metrics(rows: Mapping[str, Mapping[str, float]], models: Sequence[str], baseline: str = BASELINE,
+                  mem_also: Sequence[str] = ("PCA Gaussian samples",)) -> dict[str, float]:
+    """A table's numbers as metrics to record: ``FD <row>`` of every row, ``FD ratio <model>`` (its
+    FD / the baseline's), ``1-NN <row>``, and ``mem_ratio`` of the models and of the rows in ``mem_also``."""
+    missing = [r for r in (*models, baseline, *mem_also) if r not in rows]
+    if missing:
+        raise ValueError(f"rows: no {missing}; rows: {', '.join(rows)}")
+    return {**{f"FD {r}": rows[r]["fd"] for r in rows},
+            **{f"FD ratio {m}": rows[m]["fd"] / rows[baseline]["fd"] for m in models},
+            **{f"1-NN {r}": rows[r]["one_nn"] for r in rows},
+            **{f"mem_ratio {r}": rows[r]["mem_ratio"] for r in [*models, *mem_also]}}
+
+
+@torch.no_grad()
+def condition_readback(generator: torch.nn.Module, encoder: YardstickEncoder, condition: Any, n: int, *,
+                       sites: Sequence[int] = (0, 1, 2), ages: Sequence[float] = (25, 85), age: float = 55,
+                       site: int = 0, seed: int = 3) -> dict[str, Any]:
+    """Does a conditional generator obey its condition? The encoder's heads, which never saw a
+    generated brain, judge ``n`` samples per request.
+
+    ``condition(ages, sites) -> c (n, K)`` builds the generator's condition from ``n`` ages (years)
+    and sites; ``generator.sample(n, c, generator=...)`` draws. The same codes ``z`` (from ``seed``)
+    serve every request, so that only the condition changes. Returns ``site_acc`` ``{site: fraction
+    of samples asked for that site (at ``age``) whose site the head reads back}``, ``site_mean``
+    (their mean; chance is ``1 / len(sites)``) and ``age_pred`` ``{age: mean age the head reads on
+    samples asked for that age (at ``site``)}``.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected a positive number of samples, got {n!r}")
+    z = lambda: torch.Generator().manual_seed(seed)                         # noqa: E731  the same codes each time
+    draw = lambda a, s: generator.sample(n, condition([a] * n, [s] * n), generator=z()).cpu()   # noqa: E731
+    site_acc = {s: float((encoder.predict(draw(age, s))["site"] == s).mean()) for s in sites}
+    age_pred = {a: float(encoder.predict(draw(a, site))["age"].mean()) for a in ages}
+    return {"site_acc": site_acc, "site_mean": float(np.mean(list(site_acc.values()))), "age_pred": age_pred}
+
+
+# 4. Samples of any size, measured at the encoder's (chapter 4) ------------------------------
+
+__all__ += ["to_encoder_size", "compare_samples"]
+
+
+def to_encoder_size(volumes: torch.Tensor, encoder: YardstickEncoder) -> torch.Tensor:
+    """Volumes (N, C, D, H, W) resampled (trilinear) to the encoder's size³; unchanged if already there.
+
+    The encoder is trained once, at one size; a chapter whose models work at another size
+    measures their samples (and its real volumes) at the encoder's.
+    """
+    if not isinstance(volumes, torch.Tensor) or volumes.ndim != 5:
+        raise ValueError(f"volumes: expected a tensor (N, C, D, H, W), got "
+                         f"{tuple(volumes.shape) if isinstance(volumes, torch.Tensor) else type(volumes).__name__}")
+    s = encoder.config.size
+    if volumes.shape[-1] == s:
+        return volumes
+    return torch.nn.functional.interpolate(volumes, size=(s, s, s), mode="trilinear", align_corners=False)
+
+
+def compare_samples(samples: Mapping[str, torch.Tensor], train: torch.Tensor, heldout: torch.Tensor,
+                    encoder: YardstickEncoder, *, reuse_real_diversity: bool = False) -> dict[str, dict[str, float]]:
+    """The yardstick's rows for several sets of samples, after the three :func:`reference_rows`.
+
+    ``reuse_real_diversity`` takes every set's ``ms_ssim_real`` from the held-out row instead of
+    drawing its pairs anew (with ``evaluate_samples``' default seed): a few seconds less per set.
+
+    Every volume (samples, ``train``, ``heldout``) is first brought to the encoder's size
+    (:func:`to_encoder_size`); each set is scored with :func:`evaluate_samples` against the
+    training volumes. Returns ``{name: row}``: the reference rows, then one per set, ready for
+    :func:`table`.
+    """
+    if not isinstance(samples, Mapping) or not samples:
+        raise ValueError("samples: expected a non-empty dict {name: volumes (N, C, D, H, W)}")
+    tr, ho = to_encoder_size(train, encoder), to_encoder_size(heldout, encoder)
+    rows = reference_rows(tr, ho, encoder)
+    # the reference's own diversity, once (its pairs are drawn with the reference rows' seed), or per set
+    real = rows["held-out real"]["ms_ssim_real"] if reuse_real_diversity else None
+    rows |= {name: evaluate_samples(to_encoder_size(x, encoder), reference=tr, train=tr, heldout=ho, encoder=encoder,
+                                    ms_ssim_real=real) for name, x in samples.items()}
+    return rows
+
+
+# 5. FD over several draws (chapter 5) ---------------------------------------------------------
+
+__all__ += ["fd_of_draws", "draws_table"]
+
+
+def fd_of_draws(draws: Any, encoder: YardstickEncoder, reference: np.ndarray) -> np.ndarray:
+    """FD of each draw against the ``reference`` features (N, F): one value per draw.
+
+    ``draws`` is an iterable of sets of volumes (n, C, D, H, W) of any size (each is brought to
+    the encoder's, :func:`to_encoder_size`). With a few dozen brains, FD changes noticeably from
+    one draw of ``n`` samples to the next; several draws of the same ``n`` give its mean and
+    spread, which one draw cannot.
+    """
+    out = [frechet_distance(encoder.features(to_encoder_size(torch.as_tensor(x).cpu(), encoder)), reference)
+           for x in draws]
+    if not out:
+        raise ValueError("draws: expected at least one set of volumes")
+    return np.array(out)
+
+
+def draws_table(fds: Mapping[str, Any], baseline: str = BASELINE):
+    """FD over draws, one row per generator (a pandas DataFrame): ``FD`` (the mean over its draws),
+    ``FD (std)`` and ``/ <baseline>``, the mean as a multiple of the ``baseline`` row's mean.
+
+    ``fds`` maps a name to the FDs of its draws (:func:`fd_of_draws`); give every generator the
+    same number of draws of the same size, so that the means are comparable.
+    """
+    import pandas as pd
+
+    if not isinstance(fds, Mapping) or baseline not in fds:
+        raise ValueError(f"fds: expected a dict {{name: FD per draw}} with the baseline {baseline!r}")
+    fds = {name: np.asarray(f, dtype=float) for name, f in fds.items()}
+    t = pd.DataFrame({name: {"FD": f.mean(), "FD (std)": f.std()} for name, f in fds.items()}).T
+    return t.assign(**{f"/ {baseline}": t["FD"] / fds[baseline].mean()})

@@ -9,6 +9,7 @@ hand the result to :func:`~gen3d_lessons.training.fit`::
 
 :class:`~gen3d_lessons.data.batches.Batches` serves batches of tensors already in memory (the
 cohorts of this book are small enough), in a seeded order, optionally mirrored left-right.
+:func:`code_grids` turns volumes into the transformer's data, the VQ-VAE's code indices.
 """
 
 from __future__ import annotations
@@ -93,3 +94,21 @@ def transformer_step(batch: Mapping[str, Any], i: int, *, model: CodeTransformer
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     optimizer.step()
     return {"loss": loss.item(), "perplexity": float(torch.exp(loss.detach()))}
+
+
+@torch.no_grad()
+def code_grids(vqvae: VQVAE3D, volumes: torch.Tensor, mirror: bool = False) -> torch.Tensor:
+    """The code indices of ``volumes`` (N, C, D, H, W) under a trained VQ-VAE: (N, d, h, w) int64, on the CPU.
+
+    This is the transformer's data: computed once, after the VQ-VAE is trained (put it in eval
+    mode first) and before the transformer is. With ``mirror``, the codes of the volumes mirrored
+    along the first spatial axis (left-right in the brain phantoms, as :class:`Batches` mirrors
+    them) follow those of the volumes: (2N, d, h, w), twice the data for free. The volumes are
+    encoded on the VQ-VAE's device, all of one set in one batch.
+    """
+    if not isinstance(volumes, torch.Tensor) or volumes.ndim != 5:
+        raise ValueError(f"volumes: expected a tensor (N, C, D, H, W), got "
+                         f"{tuple(volumes.shape) if isinstance(volumes, torch.Tensor) else type(volumes).__name__}")
+    device = next(vqvae.parameters()).device
+    sets = (volumes, volumes.flip(2)) if mirror else (volumes,)
+    return torch.cat([vqvae.codes(v.to(device)) for v in sets]).cpu()     # (N or 2N, d, h, w)

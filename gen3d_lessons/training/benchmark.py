@@ -7,6 +7,7 @@ encoder–decoder of :mod:`gen3d_lessons.models.plain`.
 from __future__ import annotations
 
 import time
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from torch import nn
 from ..blocks import count_parameters
 from ..models.plain import PlainEncoderDecoder, PlainNetConfig
 
-__all__ = ["activation_bytes", "measure_training_step"]
+__all__ = ["activation_bytes", "measure_training_step", "cost_ratios"]
 
 
 def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
@@ -59,3 +60,20 @@ def measure_training_step(cfg: PlainNetConfig, size: int, batch: int = 2, steps:
             seconds.append(time.perf_counter() - t0)
     return {"dims": cfg.dims, "size": size, "voxels": size ** cfg.dims, "params": params,
             "memory_MB": memory / 2 ** 20, "s_per_step": float(sorted(seconds)[len(seconds) // 2])}
+
+
+def cost_ratios(rows: Sequence[Mapping[str, Any]], edge: int) -> dict[str, float]:
+    """3D over 2D at one grid edge: seconds per step, memory and parameters.
+
+    ``rows``: results of :func:`measure_training_step` (a list of dicts or a DataFrame's
+    records) that include both ``dims=2`` and ``dims=3`` at ``size=edge``.
+    """
+    rows = list(rows.to_dict("records")) if hasattr(rows, "to_dict") else list(rows)
+    at = {(int(r["dims"]), int(r["size"])): r for r in rows}
+    missing = [d for d in (2, 3) if (d, edge) not in at]
+    if missing:
+        raise ValueError(f"rows: no measurement in {' and '.join(f'{d}D' for d in missing)} at edge {edge}; "
+                         f"measured: {sorted(at)}")
+    a, b = at[(2, edge)], at[(3, edge)]
+    return {"slowdown": b["s_per_step"] / a["s_per_step"], "memory_ratio": b["memory_MB"] / a["memory_MB"],
+            "param_ratio": b["params"] / a["params"]}

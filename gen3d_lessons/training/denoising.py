@@ -8,18 +8,24 @@ with :func:`functools.partial` and hand the result to :func:`~gen3d_lessons.trai
     step = partial(mse_step, model=red, optimizer=opt, scheduler=scheduler)
     history = fit(step, loader, max_steps=run.max_steps, budget_s=run.budget_s)
 
-Both read the device from the model: the batch is moved to it.
+Both read the device from the model: the batch is moved to it. :func:`train_mse` and
+:func:`train_red_wgan` are the chapter's two recipes (the optimizers, the learning-rate schedule
+and ``fit``), and :func:`tenths` reads a run's curve at its start and at its end.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..losses import discriminator_loss, generator_loss, gradient_penalty
+from .fit import History, fit
+from .segmentation import one_cycle
 
 PAIR_KEYS = ("lowdose", "image", "label")
 
@@ -128,3 +134,44 @@ def red_wgan_step(batch: Mapping[str, Any], i: int, *, generator: nn.Module, dis
         critic.requires_grad_(True)
         out.update(mse=mse.item(), adv=adv.item())
     return out
+
+
+# 4. The chapter's two recipes, and how a run's curve moved -------------------------------------
+
+def train_mse(model: nn.Module, batches: Any, *, lr: float, max_steps: int, budget_s: float | None = None,
+              desc: str = "RED (MSE)") -> History:
+    """Adam with a one-cycle learning rate that peaks at ``lr`` (it warms up over the first 10 %
+    of ``max_steps``, then anneals), and :func:`fit` over :func:`mse_step`. ``model`` trains in
+    place; returns the history (``mse`` per step). ``budget_s`` is ``fit``'s fuse."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    scheduler = one_cycle(optimizer, max_steps)
+    step = partial(mse_step, model=model, optimizer=optimizer, scheduler=scheduler)
+    return fit(step, batches, max_steps=max_steps, budget_s=budget_s, desc=desc)
+
+
+def train_red_wgan(generator: nn.Module, critic: nn.Module, batches: Any, *, max_steps: int, lr_g: float = 5e-5,
+                   lr_c: float = 1e-3, betas: tuple[float, float] = (0.5, 0.9), adv_weight: float = 1e-3,
+                   gp_weight: float = 10.0, critic_warmup: int = 0, budget_s: float | None = None,
+                   desc: str = "RED-WGAN") -> History:
+    """One Adam each for ``generator`` and ``critic`` (WGAN-GP's ``betas``), and :func:`fit` over
+    :func:`red_wgan_step`: the critic learns alone for ``critic_warmup`` steps, then both.
+    Both networks train in place; returns the history (``w_dist`` and ``gp`` every step, ``mse``
+    and ``adv`` at the generator's steps). ``budget_s`` is ``fit``'s fuse."""
+    opt_g = torch.optim.Adam(generator.parameters(), lr=lr_g, betas=betas)
+    opt_c = torch.optim.Adam(critic.parameters(), lr=lr_c, betas=betas)
+    step = partial(red_wgan_step, generator=generator, discriminator=critic, opt_g=opt_g, opt_d=opt_c,
+                   adv_weight=adv_weight, gp_weight=gp_weight, critic_warmup=critic_warmup)
+    return fit(step, batches, max_steps=max_steps, budget_s=budget_s, desc=desc)
+
+
+def tenths(history: History, key: str) -> tuple[float, float]:
+    """The mean of ``key`` over the first and over the last tenth of a run's steps (at least one
+    step each), skipping steps that did not record it: where a noisy curve started and ended.
+    NaN for a key the run never recorded (e.g. ``mse`` while RED-WGAN's critic warms up)."""
+    if not isinstance(history, History):
+        raise ValueError(f"history: expected a training History, got {type(history).__name__}")
+    if key not in history.values:
+        return float("nan"), float("nan")
+    n = max(history.steps // 10, 1)                              # steps in a tenth of the run
+    first = np.asarray(history.values[key][:n], dtype=float)
+    return float(np.nanmean(first)) if np.isfinite(first).any() else float("nan"), history.mean_last(key, n)

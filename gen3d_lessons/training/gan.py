@@ -23,7 +23,9 @@ Each owns its two optimizers and returns what it measured; bind the networks and
     step = partial(gan_step, generator=G, discriminator=D, opt_g=opt_g, opt_d=opt_d, loss="wgan-gp")
     history = fit(step, batches, max_steps=...)
 
-:func:`train_gan` does that for chapter 3's recipe (Adam, an EMA generator, a probe).
+:func:`train_gan` does that for chapter 3's recipe (Adam with the settings of :data:`ADAM`, an EMA
+generator, a probe) on the batches of :func:`gan_batches`; :func:`probe_summary` reads its probe
+back. :func:`train_pix2pix` and :func:`train_cyclegan` are the same for Eq. 3 and Eq. 4.
 
 A batch is a dict with ``"image"`` (B, C, D, H, W) and, for a conditional GAN, ``"condition"``
 (B, K); pix2pix and CycleGAN batches hold ``"x"`` and ``"y"``.
@@ -32,21 +34,32 @@ A batch is a dict with ``"image"`` (B, C, D, H, W) and, for a conditional GAN, `
 from __future__ import annotations
 
 import copy
+import itertools
 from functools import partial
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..data.batches import Batches
 from ..losses import cycle_consistency_loss, discriminator_loss, generator_loss, gradient_penalty, l1_loss
 from ..profiles import step_cap
 from .batch import batch_tensor
 from .ema import ema_update
 from .fit import History, fit
 
-__all__ = ["LOSSES", "gan_step", "pix2pix_step", "cyclegan_step", "train_gan"]
+__all__ = ["LOSSES", "ADAM", "gan_step", "pix2pix_step", "cyclegan_step", "gan_batches", "train_gan",
+           "probe_summary", "train_pix2pix", "train_cyclegan"]
 
 LOSSES = ("ns", "wgan-gp")          # the losses gan_step trains (see gen3d_lessons.losses)
+
+# Chapter 3's Adam settings per loss, for train_gan(..., **ADAM[loss]). The vanilla discriminator
+# learns four times more slowly than its generator (two time scales, Heusel et al. 2017): one as
+# fast wins the game outright early on and leaves the generator nothing to learn from. The WGAN-GP's
+# critic and generator learn at one rate, with the β₂ = 0.9 of Gulrajani et al. (2017).
+ADAM = {"ns": dict(lr_g=2e-4, lr_d=5e-5, betas=(0.5, 0.999)),
+        "wgan-gp": dict(lr_g=2e-4, lr_d=2e-4, betas=(0.5, 0.9))}
 
 
 # 1. The step functions -------------------------------------------------------------------------
@@ -161,6 +174,23 @@ def cyclegan_step(batch: Mapping[str, Any], i: int, *, generator_xy: nn.Module, 
 
 # 2. One adversarial run, end to end -------------------------------------------------------------
 
+def gan_batches(images: torch.Tensor, batch_size: int, *, seed: int, condition: torch.Tensor | None = None,
+                device: torch.device | str | None = None) -> Batches:
+    """Chapter 3's training batches: ``{"image": (B, C, D, H, W)}`` (+ ``"condition": (B, K)``).
+
+    A seeded random order, and each image mirrored left-right with probability 1/2 (the
+    default augmentation of :class:`~gen3d_lessons.data.batches.Batches`): with a few dozen
+    training brains, mirror images are free data. ``device``: where the batches live (None:
+    where ``images`` are); the whole cohort is moved there once.
+    """
+    if condition is not None and len(condition) != len(images):
+        raise ValueError(f"condition: expected one row per image ({len(images)}), got {len(condition)}")
+    data = {"image": images.to(device) if device is not None else images}                 # (N, C, D, H, W)
+    if condition is not None:
+        data["condition"] = condition.to(device) if device is not None else condition    # (N, K)
+    return Batches(data, batch_size, seed=seed, augment=("image",))
+
+
 def train_gan(G: nn.Module, D: nn.Module, batches: Any, *, loss: str, max_steps: int, budget_s: float | None = None,
               lr_g: float = 2e-4, lr_d: float = 2e-4, betas: tuple[float, float] = (0.5, 0.999),
               gp_weight: float = 10.0, n_critic: int = 1, ema_decay: float | None = 0.999, ema_warmup: float = 3.0,
@@ -205,3 +235,48 @@ def train_gan(G: nn.Module, D: nn.Module, batches: Any, *, loss: str, max_steps:
         final.load_state_dict(best["state"])
         print(f"{desc}: kept the generator of step {best['step']} ({keep_best} {best['value']:.3g})")
     return final.eval(), history
+
+
+def probe_summary(history: History, key: str = "fd") -> dict[str, float]:
+    """The probe's first, lowest and last value in a :func:`train_gan` history, with their steps.
+
+    ``history.values[key]`` holds the probe at the steps it ran and NaN elsewhere; steps count
+    from 1. Returns ``first``, ``first_step``, ``best``, ``best_step``, ``last``, ``last_step``:
+    whether a run was still improving when it stopped is ``best_step == last_step``.
+    """
+    if key not in history.values:
+        raise ValueError(f"key: {key!r} was never recorded; recorded: {', '.join(sorted(history.values)) or '(none)'}")
+    values = np.asarray(history.values[key])
+    at = np.flatnonzero(np.isfinite(values))                      # indices of the steps the probe ran at
+    if not at.size:
+        raise ValueError(f"history: the probe {key!r} never ran")
+    b = at[np.argmin(values[at])]
+    return dict(first=values[at[0]], first_step=int(at[0]) + 1, best=values[b], best_step=int(b) + 1,
+                last=values[at[-1]], last_step=int(at[-1]) + 1)
+
+
+# 3. pix2pix and CycleGAN runs ------------------------------------------------------------------
+
+def train_pix2pix(G: nn.Module, D: nn.Module, batches: Any, *, max_steps: int, lr: float = 2e-3,
+                  betas: tuple[float, float] = (0.5, 0.999), l1_weight: float = 100.0, budget_s: float | None = None,
+                  desc: str = "pix2pix") -> History:
+    """Adam for ``G`` and ``D`` (one learning rate and ``betas`` each) and :func:`fit` over
+    :func:`pix2pix_step` on batches ``{"x": source, "y": target}``. Returns the history (``l1``,
+    ``g_adv``, ``d_loss`` per step); ``G`` and ``D`` are trained in place."""
+    opt_g = torch.optim.Adam(G.parameters(), lr, betas=betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr, betas=betas)
+    step = partial(pix2pix_step, generator=G, discriminator=D, opt_g=opt_g, opt_d=opt_d, l1_weight=l1_weight)
+    return fit(step, batches, max_steps=max_steps, budget_s=budget_s, desc=desc)
+
+
+def train_cyclegan(G_xy: nn.Module, G_yx: nn.Module, D_x: nn.Module, D_y: nn.Module, batches: Any, *,
+                   max_steps: int, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
+                   cycle_weight: float = 10.0, budget_s: float | None = None, desc: str = "CycleGAN") -> History:
+    """One Adam for both generators ``G_xy: X → Y``, ``G_yx: Y → X`` and one for both
+    discriminators, and :func:`fit` over :func:`cyclegan_step` on unpaired batches ``{"x", "y"}``.
+    Returns the history (``cycle``, ``g_adv``, ``d_loss`` per step); the networks train in place."""
+    opt_g = torch.optim.Adam(itertools.chain(G_xy.parameters(), G_yx.parameters()), lr, betas=betas)
+    opt_d = torch.optim.Adam(itertools.chain(D_x.parameters(), D_y.parameters()), lr, betas=betas)
+    step = partial(cyclegan_step, generator_xy=G_xy, generator_yx=G_yx, discriminator_x=D_x, discriminator_y=D_y,
+                   opt_g=opt_g, opt_d=opt_d, cycle_weight=cycle_weight)
+    return fit(step, batches, max_steps=max_steps, budget_s=budget_s, desc=desc)

@@ -8,18 +8,25 @@ hand the result to :func:`~gen3d_lessons.training.fit`::
     fit(partial(ae_step, model=ae, optimizer=opt, noise_std=0.1), loader, max_steps=...)   # a DAE
 
 A batch is a dict with ``"image"`` ``(B, C, D, H, W)`` and, for a CVAE, ``"condition"`` ``(B, K)``.
+
+Chapter 4 trains five networks the same way; :func:`train_autoencoder` and :func:`train_vae` are
+that recipe (Adam, shuffled and mirrored batches of the training volumes, :func:`fit`), so that
+the chapter names only what differs between them.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
+from ..data.batches import Batches
 from ..losses import gaussian_nll, kl_to_standard_normal
 from ..models.vae import VAE3D
 from .batch import batch_tensor
+from .fit import History, fit
 
 
 def corrupt(x: torch.Tensor, noise_std: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -85,3 +92,39 @@ def vae_step(batch: Mapping[str, Any], i: int, *, model: VAE3D, optimizer: torch
     optimizer.step()
     n_voxels = x[0].numel()
     return {"loss": loss.item(), "mse": 2 * recon.item() / n_voxels, "kl": kl.item()}
+
+
+# The recipe of chapter 4 --------------------------------------------------------------------------
+
+def train_autoencoder(model: torch.nn.Module, images: torch.Tensor, *, steps: int, batch: int, lr: float,
+                      budget_s: float | None = None, noise_std: float = 0.0, seed: int = 0,
+                      desc: str = "AE") -> History:
+    """Train an autoencoder (Eq. 6), or a DAE with ``noise_std > 0`` (Eq. 9), on ``images`` (N, C, D, H, W).
+
+    Adam at ``lr`` on :func:`ae_step`, ``steps`` batches of ``batch`` volumes drawn by
+    :class:`~gen3d_lessons.data.batches.Batches` (shuffled with ``seed``, mirrored left-right at
+    random), through :func:`~gen3d_lessons.training.fit` with its fuse ``budget_s``. Returns the
+    :class:`~gen3d_lessons.training.History` (``loss``).
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    batches = Batches({"image": images}, batch, seed=seed, augment=("image",))
+    return fit(partial(ae_step, model=model, optimizer=optimizer, noise_std=noise_std), batches,
+               max_steps=steps, budget_s=budget_s, desc=desc)
+
+
+def train_vae(model: VAE3D, images: torch.Tensor, condition: torch.Tensor | None = None, *, steps: int, batch: int,
+              lr: float, beta: float = 1.0, budget_s: float | None = None, seed: int = 0, desc: str = "VAE") -> History:
+    """Train a VAE (Eq. 7), or a CVAE given its ``condition`` (N, K) (Eq. 8), on ``images`` (N, C, D, H, W).
+
+    The recipe of :func:`train_autoencoder` with :func:`vae_step` (the negative ELBO with weight
+    ``beta`` on the KL term). Returns the :class:`~gen3d_lessons.training.History` (``loss``,
+    ``mse``, ``kl``).
+    """
+    if (condition is None) != (model.cfg.cond_dim == 0):
+        raise ValueError(f"condition: this model has cond_dim={model.cfg.cond_dim}; give a condition (N, K) "
+                         "exactly for a CVAE")
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    data = {"image": images} if condition is None else {"image": images, "condition": condition}
+    batches = Batches(data, batch, seed=seed, augment=("image",))
+    return fit(partial(vae_step, model=model, optimizer=optimizer, beta=beta), batches,
+               max_steps=steps, budget_s=budget_s, desc=desc)

@@ -5,18 +5,22 @@
 ``RegistrationLoss`` holds the recipe (which similarity, which regulariser, the weights); the same
 object scores a network's output during training and a field optimised per pair in
 :func:`gen3d_lessons.tasks.register.register_iterative`, so the two are compared on one objective.
+:func:`registration_step` is one step of training; :func:`train_registration` the whole run, over
+batches from :func:`atlas_batches` (an atlas to many subjects) or :func:`pair_batches` (pairs).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from functools import partial
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from .. import losses as L
 from .. import spatial
+from .fit import History, fit
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,22 @@ def registration_step(batch: Mapping[str, Any], i: int, *, model: torch.nn.Modul
     report = {k: v.detach() for k, v in terms.items()}
     report["mean_|u|"] = out.displacement.detach().pow(2).sum(1).sqrt().mean()
     return report
+
+
+def train_registration(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], loss_fn: RegistrationLoss, *,
+                       lr: float, max_steps: int, budget_s: float | None = None,
+                       desc: str = "registration") -> History:
+    """Train a registration network: Adam on all its parameters, :func:`fit` over :func:`registration_step`.
+
+    ``batches`` as :func:`atlas_batches` or :func:`pair_batches` yield them; ``loss_fn`` with
+    ``dice > 0`` needs their labels. ``max_steps`` ends the run, ``budget_s`` is :func:`fit`'s
+    fuse. The model is left in eval mode, ready to register; returns the :class:`History`.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    history = fit(partial(registration_step, model=model, optimizer=optimizer, loss_fn=loss_fn), batches,
+                  max_steps=max_steps, budget_s=budget_s, desc=desc)
+    model.eval()
+    return history
 
 
 def atlas_batches(atlas: torch.Tensor, atlas_labels: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, *,

@@ -16,11 +16,16 @@ Three step functions, one per model of the chapter:
 * :func:`vox2vox_step`: the U-Net as the generator of a conditional GAN, a 3D PatchGAN as its
   discriminator (the survey's Eq. 3, with the segmentation loss in the place of the L1 term);
 * :func:`vaereg_step`: the U-Net plus a VAE decoder that reconstructs the input (Myronenko 2019).
+
+and one recipe per model that binds its step to its optimizers and runs ``fit``:
+:func:`train_segmenter` (AdamW with a one-cycle learning rate), :func:`train_vox2vox` (the same
+for the generator, pix2pix's Adam for the discriminator) and :func:`train_vaereg`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from functools import partial
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 from ..blocks import one_hot
 from ..data.batches import Batch
 from ..losses import bce_discriminator_loss, bce_generator_loss, kl_per_voxel
+from .fit import History, fit
 
 
 # 1. Helpers (volumes in memory and their batches live in gen3d_lessons.data) ------------------
@@ -118,3 +124,47 @@ def vaereg_step(batch: Batch, i: int, *, model: torch.nn.Module, optimizer: torc
     if scheduler is not None:
         scheduler.step()
     return {"seg": seg.item(), "l2": l2.item(), "kl": kl.item()}
+
+
+# 3. The recipes: optimizers, a one-cycle learning rate, the step, fit ------------------------------
+
+def train_segmenter(model: torch.nn.Module, batches: Iterable[Batch], loss_fn: Callable, *, lr: float,
+                    max_steps: int, budget_s: float | None = None, weight_decay: float = 1e-4,
+                    desc: str = "U-Net") -> History:
+    """Train a segmentation network on ``batches`` with ``loss_fn``: the recipe of chapter 10.
+
+    AdamW (``lr``, ``weight_decay``) with a one-cycle learning rate over ``max_steps``
+    (:func:`one_cycle`), one :func:`seg_step` per batch, run by ``fit`` (``budget_s`` is its fuse).
+    ``model`` is trained in place; returns the :class:`~gen3d_lessons.training.History`.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    step = partial(seg_step, model=model, optimizer=optimizer, scheduler=one_cycle(optimizer, max_steps),
+                   loss_fn=loss_fn)
+    return fit(step, batches, max_steps=max_steps, budget_s=budget_s, desc=desc)
+
+
+def train_vox2vox(generator: torch.nn.Module, discriminator: torch.nn.Module, batches: Iterable[Batch],
+                  loss_fn: Callable, *, lr: float, max_steps: int, adv_weight: float = 0.1, lr_d: float = 1e-3,
+                  budget_s: float | None = None, weight_decay: float = 1e-4, desc: str = "Vox2Vox") -> History:
+    """Train a U-Net as the generator of Vox2Vox against a PatchGAN ``discriminator``: :func:`vox2vox_step`.
+
+    The generator as in :func:`train_segmenter` (AdamW, one cycle over ``max_steps``); the
+    discriminator with pix2pix's Adam (``lr_d``, betas 0.5 and 0.999) at a constant rate. Both
+    networks are trained in place; returns the History (``seg``, ``adv``, ``loss_d`` per step).
+    """
+    opt_g = torch.optim.AdamW(generator.parameters(), lr=lr, weight_decay=weight_decay)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr_d, betas=(0.5, 0.999))
+    step = partial(vox2vox_step, generator=generator, discriminator=discriminator, opt_g=opt_g, opt_d=opt_d,
+                   loss_fn=loss_fn, adv_weight=adv_weight, scheduler=one_cycle(opt_g, max_steps))
+    return fit(step, batches, max_steps=max_steps, budget_s=budget_s, desc=desc)
+
+
+def train_vaereg(model: torch.nn.Module, batches: Iterable[Batch], loss_fn: Callable, *, lr: float, max_steps: int,
+                 budget_s: float | None = None, weight_decay: float = 1e-4, desc: str = "VAE-reg") -> History:
+    """Train a VAE-regularised U-Net (:func:`vaereg_step`) as :func:`train_segmenter` trains a U-Net.
+
+    Returns the History (``seg``, ``l2``, ``kl`` per step); ``model`` is trained in place.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    step = partial(vaereg_step, model=model, optimizer=optimizer, loss_fn=loss_fn, scheduler=one_cycle(optimizer, max_steps))
+    return fit(step, batches, max_steps=max_steps, budget_s=budget_s, desc=desc)
