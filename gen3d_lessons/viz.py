@@ -873,3 +873,46 @@ def plot_receptive_field(seen: Any, voxel: Sequence[int], radius: int = 8, plane
         ax.plot(w - w0, h - h0, "r+", ms=12)
         ax.set(title=f"plane d-{back}" if back else "current plane d", xlabel="w →", ylabel="← h", xticks=[], yticks=[])
     return _done(fig)
+
+
+def lesion_and_worst_case(images: Any, labels: Any, preds: Mapping[str, Sequence[Any]], per_case: Any, *,
+                          show: Sequence[str], model: str = "U-Net", lesion: int = 4,
+                          spacing: Any = None) -> tuple[Figure, Figure]:
+    """Two looks at a brain segmentation (chapter 10): the test brain with the largest lesions under
+    the truth and the methods named in ``show``, on an axial slice through its lesions; then
+    ``model``'s worst test brain, the one with the lowest ``per_case`` Dice (a Series indexed by
+    the volume's number, e.g. :func:`gen3d_lessons.tasks.segment.dice_per_case`), with the voxels
+    it gets wrong in the lesion's colour (red). ``images`` (N, C, *S) and ``labels`` (N, 1, *S) are
+    tensors, ``preds[name]`` one label map per volume.
+    """
+    if len(images) != len(labels) or any(len(preds[name]) != len(labels) for name in [*show, model]):
+        raise ValueError(f"images, labels, preds: expected one of each per volume, got {len(images)} images and "
+                         f"{len(labels)} labels")
+    n = int((labels == lesion).flatten(1).sum(1).argmax())                    # the test brain with the largest lesions
+    first = compare_labels(images[n, 0], {"truth": labels[n, 0]} | {name: preds[name][n] for name in show},
+                           focus=lesion, spacing=spacing, title=f"test brain {n}: labels over T1 (axial slice)")
+    worst = int(per_case.idxmin())
+    wrong = np.where(preds[model][worst] != labels[worst, 0].numpy(), lesion, 0)
+    second = compare_labels(images[worst, 0], {"truth": labels[worst, 0], model: preds[model][worst], "errors": wrong},
+                            spacing=spacing, title=f"the {model}'s worst test brain, {worst}: mean tissue Dice "
+                            f"{per_case[worst]:.3f} (median {per_case.median():.3f}), {int((wrong > 0).sum())} "
+                            "wrong voxels in red")
+    return first, second
+
+
+def first_and_worst_frame(images: Any, labels: Any, preds: Mapping[str, Sequence[Any]], per_frame: Any,
+                          pathologies: Sequence[str], *, focus: int = 3, spacing: Any = None) -> tuple[Figure, Figure]:
+    """Two test frames of a cine segmentation (chapter 10) under the truth and every method's
+    labels, on the slice through label ``focus`` (the left ventricle): the first frame (ED of the
+    first heart), and the worst, the lowest of ``per_frame``, a Series of mean Dice indexed by
+    ``(case, phase)`` with frames stored in (ED, ES) pairs; ``pathologies[case]`` names its heart.
+    """
+    if len(images) != len(labels) or any(len(p) != len(labels) for p in preds.values()):
+        raise ValueError(f"images, labels, preds: expected one of each per frame, got {len(images)} images and "
+                         f"{len(labels)} labels")
+    case, phase = per_frame.idxmin()
+    return tuple(compare_labels(images[i, 0], {"truth": labels[i, 0]} | {name: p[i] for name, p in preds.items()},
+                                focus=focus, spacing=spacing, title=title)
+                 for i, title in ((0, "a test heart at ED"), (2 * case + (phase == "ES"), f"the worst frame: case {case} "
+                                  f"({pathologies[case]}) at {phase}, mean Dice {per_frame.min():.3f} (median over "
+                                  f"frames {per_frame.median():.3f})")))

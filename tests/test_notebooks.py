@@ -91,3 +91,19 @@ def test_results_cell_records_this_chapter(chapter):
     last = [c for c in json.loads(chapter.path.read_text())["cells"] if c["cell_type"] == "code"][-1]
     assert f'record("{chapter.name}"' in "".join(last["source"]), \
         f"{chapter.name}: the results cell must call record(\"{chapter.name}\", ...)"
+
+
+PAGE_CELLS = (8, 12)       # code cells a chapter has, the Colab and parameters cells included
+CELL_LINES = 15            # lines a code cell may have: longer cells overflow the page
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[c.name for c in CHAPTERS])
+def test_chapter_reads_like_a_page(chapter):
+    """A chapter is a book page: a few short code cells with prose between them; what is not
+    teaching code (scoring, tables, figures) lives in the library, where it is tested."""
+    cells = [c for c in json.loads(chapter.path.read_text())["cells"] if c["cell_type"] == "code"]
+    lines = ["".join(c["source"]).strip().splitlines() for c in cells]
+    long = {i: len(l) for i, l in enumerate(lines) if len(l) > CELL_LINES}
+    assert PAGE_CELLS[0] <= len(cells) <= PAGE_CELLS[1], \
+        f"{chapter.name}: {len(cells)} code cells, expected {PAGE_CELLS[0]} to {PAGE_CELLS[1]}"
+    assert not long, f"{chapter.name}: code cells over {CELL_LINES} lines (cell index: lines): {long}"

@@ -21,9 +21,9 @@ from gen3d_lessons.data.heart import make_heart_dataset  # noqa: E402
 from gen3d_lessons.models.registration import RegistrationConfig, VoxelMorph, similarity_force  # noqa: E402
 from gen3d_lessons.tasks.register import (Atlas, CinePairs, OptimiserMatch, Registered, brain_atlas,  # noqa: E402
                                           cine_pairs, folding_by_parametrisation, folding_scores, iterative_path,
-                                          mean_jacobian, network_displacement, optimiser_curve, optimiser_match,
+                                          match_numbers, mean_jacobian, network_displacement, optimiser_curve, optimiser_match,
                                           register, register_iterative, score_fields, seconds_per_pair, timed_batch,
-                                          volume_change, volume_change_summary, warp_labels)
+                                          registration_metrics, volume_change, volume_change_summary, warp_labels)
 from gen3d_lessons.training import load_model, save_model  # noqa: E402
 from gen3d_lessons.training.registration import (RegistrationLoss, atlas_batches, pair_batches,  # noqa: E402
                                                  registration_step, train_registration)
@@ -464,6 +464,35 @@ def test_optimiser_match_finds_the_cheapest_run_that_reaches_the_network():
     assert optimiser_match(table, "net")[:3] == ("iterative, 20 steps", False, 20)
     with pytest.raises(ValueError, match="rows starting"):
         optimiser_match(table, "net", prefix="demons")
+
+
+def test_match_numbers_read_the_match_off_the_table():
+    table = pd.DataFrame({"mean Dice": [0.5, 0.6, 0.7, 0.8, 0.65], "s per pair": [0.0, 1.0, 2.0, 4.0, 0.1]},
+                         index=["none", "iterative, 5 steps", "iterative, 10 steps", "iterative, 20 steps", "net"])
+    numbers = match_numbers(table, "net", optimiser_match(table, "net"))
+    assert numbers == pytest.approx(dict(net_dice=0.65, net_ms=100.0, matched_steps=10, matched_dice=0.7, matched_s=2.0,
+                                         speedup=20.0, speed_factor=20.0, iter_steps=20, iter_dice=0.8))
+    table.loc["net", "s per pair"] = 8.0                                 # a slow network: the factor stays >= 1
+    numbers = match_numbers(table, "net", optimiser_match(table, "net"))
+    assert numbers["speedup"] == pytest.approx(0.25) and numbers["speed_factor"] == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="rows"):
+        match_numbers(table.drop("net"), "net", optimiser_match(table, "net"))
+
+
+def test_registration_metrics_flatten_every_table_in_order():
+    brain = pd.DataFrame({"mean Dice": [0.5, 0.8], "s per pair": [0.0, 0.1]}, index=["none", "net"])
+    heart = pd.DataFrame({"mean Dice": [0.6, 0.7]}, index=["none", "net"])
+    motion = pd.DataFrame({"cavity": [1.5, 1.2], "wall": [1.1, 1.0], "corr": [0.9, 0.8]}, index=["iter", "net"])
+    history = type("History", (), {"steps": 3, "seconds": 1.5})()
+    metrics = registration_metrics(brain, heart, motion, "iterative, 5 steps", 2.5, {"brain": history})
+    assert list(metrics) == ["brain Dice, none", "brain Dice, net", "brain s per pair, none", "brain s per pair, net",
+                             "optimiser run matched", "heart Dice, none", "heart Dice, net", "corr(LV det J, EDV/ESV), iter",
+                             "corr(LV det J, EDV/ESV), net", "mean LV det J, iter", "mean LV det J, net",
+                             "mean MYO det J, iter", "mean MYO det J, net", "mean EDV/ESV", "training steps, brain",
+                             "training s, brain"]
+    assert metrics["brain Dice, net"] == 0.8 and metrics["mean MYO det J, iter"] == 1.1 and metrics["training s, brain"] == 1.5
+    with pytest.raises(ValueError, match="missing"):
+        registration_metrics(brain.drop(columns="s per pair"), heart, motion, "x", 2.5, {})
 
 
 def test_cine_pairs_pool_ed_and_es_to_cubes(tmp_path):

@@ -536,3 +536,108 @@ def test_compare_labels_and_plot_histories():
         plot_histories(histories, [["c"]])
     with pytest.raises(ValueError, match="none of"):
         plot_histories(histories, [["b"]], keys=("loss",))
+
+
+# chapter 10's evaluations and the numbers its text quotes ---------------------------------------
+
+def _history(**values):
+    from gen3d_lessons.training import History
+
+    h = History()
+    for i in range(len(next(iter(values.values())))):
+        h.record({k: v[i] for k, v in values.items()})
+    return h
+
+
+def _brain_table():
+    import pandas as pd
+
+    from gen3d_lessons.tasks.segment import score_table
+
+    truth = np.zeros((2, 6, 6, 6), dtype=int)
+    truth[:, :2], truth[:, 2:4], truth[:, 4:] = 1, 2, 3
+    shifted = np.roll(truth, 1, axis=1)                                         # a baseline off by one slice
+    preds = {"Otsu (T1)": list(shifted), "atlas": list(np.roll(truth, 2, axis=1)), "U-Net": list(truth),
+             "Vox2Vox": list(shifted), "VAE-reg": list(truth)}
+    scores, table = score_table(preds, truth, {"CSF": 1, "GM": 2, "WM": 3}, mean="tissue mean",
+                                extra_classes={n: {"lesion": 4} for n in ("U-Net", "Vox2Vox", "VAE-reg")})
+    assert isinstance(table, pd.DataFrame)
+    return scores, table
+
+
+def test_dice_per_case_one_model_some_classes():
+    from gen3d_lessons.tasks.segment import dice_per_case
+
+    scores, _ = _brain_table()
+    per_case = dice_per_case(scores, "U-Net", ["CSF", "GM", "WM"])
+    assert list(per_case.index) == [0, 1] and np.allclose(per_case, 1.0) and int(per_case.idxmin()) == 0
+    shifted = dice_per_case(scores, "Otsu (T1)", by=("case", "class"))
+    assert shifted.index.nlevels == 2 and shifted.max() < 1
+    with pytest.raises(ValueError, match="model"):
+        dice_per_case(scores, "nobody")
+
+
+def test_brain_summary_quotes_the_table():
+    from gen3d_lessons.tasks.segment import brain_summary
+
+    _, table = _brain_table()
+    vox = _history(loss_d=[0.2] * 10 + [float(np.log(2))] * 50)
+    vae = _history(seg=[1.0] * 50, l2=[0.5] * 50, kl=[0.5] * 50)
+    numbers, lead = brain_summary(table, ["U-Net", "Vox2Vox", "VAE-reg"], vox, vae)
+    tissue = table[("Dice", "tissue mean")]
+    assert numbers["brain_unet"] == tissue["U-Net"] == 1.0
+    assert numbers["baseline_best"] == tissue[["Otsu (T1)", "atlas"]].max()
+    assert numbers["brain_margin"] == pytest.approx(1.0 - numbers["baseline_best"])
+    assert numbers["vox_gap"] < 0 and numbers["vae_gap"] == 0 and numbers["helped"] == 0
+    assert numbers["d_coin"] and numbers["loss_d"] == pytest.approx(np.log(2))
+    assert numbers["vae_pct"] == pytest.approx(10.0) and numbers["n_methods"] == 5
+    assert list(lead.index) == ["U-Net", "Vox2Vox", "VAE-reg"] and list(lead.columns) == ["CSF", "GM", "WM"]
+    assert numbers["min_lead"] == lead.min().min()
+    with pytest.raises(ValueError, match="networks"):
+        brain_summary(table, ["Vox2Vox"], vox, vae)
+
+
+def test_score_hearts_and_heart_summary():
+    from gen3d_lessons.tasks.segment import heart_summary, score_hearts
+
+    class Oracle(torch.nn.Module):                                             # one-hot logits of a fixed answer
+        def __init__(self, answer):
+            super().__init__()
+            self.answer = answer
+
+        def forward(self, x):
+            return F.one_hot(self.answer[:len(x)], 4).permute(0, 4, 1, 2, 3).float()
+
+    labels = torch.zeros(2, 1, 24, 24, 8, dtype=torch.long)
+    labels[:, 0, 4:10, 6:18, 2:6], labels[:, 0, 12:20, 6:18, 2:6], labels[:, 0, 14:18, 8:16, 2:6] = 1, 2, 3
+    images = torch.where(labels % 2 == 1, 1.0, 0.2).float()
+    noisy = labels[:, 0].clone()
+    noisy[:, 0, 0, 0] = 1                                                       # an island, far from the heart
+    preds, scores, table = score_hearts(Oracle(noisy), images, labels, ["ED", "ES"], (1.0, 1.0, 2.0))
+    assert list(preds) == ["U-Net", "U-Net, largest pieces", "k-means + geometry"]
+    assert set(scores.phase) == {"ED", "ES"} and list(scores.case.unique()) == [0]
+    numbers = heart_summary(scores)
+    assert numbers["lcc_dice"] >= 0 and numbers["hd_after"] <= numbers["hd_before"]
+    assert numbers["heart_worst"] in {"right ventricle", "myocardium", "left ventricle"}
+    assert numbers["heart_margin"] == pytest.approx(numbers["heart_unet"] - numbers["heart_baseline"])
+    with pytest.raises(ValueError, match="phases"):
+        score_hearts(Oracle(noisy), images, labels, ["ED"], (1.0, 1.0, 2.0))
+    with pytest.raises(ValueError, match="baseline"):
+        heart_summary(scores, baseline="nobody")
+
+
+def test_robustness_summary_counts_sites_and_conditions():
+    import pandas as pd
+
+    from gen3d_lessons.tasks.segment import robustness_summary
+
+    clean = pd.DataFrame({"plain": [0.8, 0.6], "randomised": [0.7, 0.9]})
+    by_site = pd.DataFrame({"plain": [0.8, 0.6], "randomised": [0.7, 0.9]}, index=["site 0", "site 1"])
+    robust = pd.DataFrame({"plain": [0.7, 0.5, 0.6], "randomised": [0.8, 0.4, 0.7]},
+                          index=["clean", "low-dose", "bias field"])
+    numbers = robustness_summary(clean, by_site, robust)
+    assert numbers["sites_ahead"] == 1 and numbers["n_sites"] == 2
+    assert numbers["cond_ahead"] == 1 and numbers["n_cond"] == 2 and numbers["share_ahead"] == 0.5
+    assert numbers["ahead_any"] and not numbers["ahead_all"]
+    assert numbers["clean_gap"] == pytest.approx(0.1) and numbers["t1_best"] == pytest.approx(0.8)
+    assert (numbers["plain_clean"], numbers["plain_worst"], numbers["rand_worst"]) == (0.7, 0.5, 0.4)

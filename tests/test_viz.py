@@ -193,3 +193,25 @@ def test_line_profiles_one_curve_per_volume_bold_ones_thicker():
         viz.line_profiles({"a": np.zeros(9)}, positions=np.zeros(3))
     with pytest.raises(ValueError, match="bold"):
         viz.line_profiles({"a": np.zeros(9)}, bold=("c",))
+
+
+def test_lesion_and_worst_case_and_first_and_worst_frame_two_figures_each():
+    import pandas as pd
+
+    labels = torch.zeros(3, 1, 8, 8, 8, dtype=torch.long)
+    labels[:, 0, 2:6, 2:6, 2:6] = 3
+    labels[1, 0, 3:5, 3:5, 3:5] = 4                                              # brain 1 has the lesion
+    images = labels.float()
+    preds = {"U-Net": list(labels[:, 0].numpy()), "atlas": list(np.zeros((3, 8, 8, 8), dtype=int))}
+    per_case = pd.Series([0.9, 0.8, 0.95], index=pd.Index([0, 1, 2], name="case"))
+    first, second = viz.lesion_and_worst_case(images, labels, preds, per_case, show=["U-Net", "atlas"])
+    assert isinstance(first, Figure) and "test brain 1" in first._suptitle.get_text()
+    assert "worst test brain, 1" in second._suptitle.get_text() and "0 wrong voxels" in second._suptitle.get_text()
+    per_frame = pd.Series([0.9, 0.7, 0.8, 0.95], index=pd.MultiIndex.from_tuples(
+        [(0, "ED"), (0, "ES"), (1, "ED"), (1, "ES")], names=["case", "phase"]))
+    frames = torch.zeros(4, 1, 8, 8, 8, dtype=torch.long)
+    a, b = viz.first_and_worst_frame(frames.float(), frames, {"U-Net": list(frames[:, 0].numpy())}, per_frame,
+                                     ["normal", "hypertrophy"])
+    assert "at ED" in a._suptitle.get_text() and "case 0 (normal) at ES" in b._suptitle.get_text()
+    with pytest.raises(ValueError, match="one of each"):
+        viz.lesion_and_worst_case(images[:2], labels, preds, per_case, show=["U-Net"])

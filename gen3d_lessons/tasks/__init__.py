@@ -1,5 +1,6 @@
-"""What a user calls on files and volumes: segment, register, detect anomalies, measure generated samples.
+"""What a user calls on volumes and files: segment, register, denoise, detect anomalies, ask a
+counterfactual, measure generated samples (the yardstick).
 
-Each module here puts models, training and data together for one job. Chapters and the CLI call these;
-nothing below them (models, training, data, metrics) imports them.
+Each module here puts models, training, data, metrics and baselines together for one job.
+Chapters and the CLI call these; nothing below them (models, training, data, metrics) imports them.
 """

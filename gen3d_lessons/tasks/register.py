@@ -10,9 +10,10 @@
 - the evaluation of any method that ends in a displacement field (chapter 13 runs it on atlases and hearts):
   :func:`score_fields` (one row of a results table), :func:`seconds_per_pair`, :func:`timed_batch`,
   :func:`optimiser_curve` (the optimiser's accuracy against its time), :func:`optimiser_match`
-  (how long the optimiser needs to match a network), :func:`folding_scores` and
+  (how long the optimiser needs to match a network; :func:`match_numbers`: the same, flat), :func:`folding_scores` and
   :func:`folding_by_parametrisation` (what a velocity field buys), and the local volume
-  change of a motion (:func:`mean_jacobian`, :func:`volume_change`, :func:`volume_change_summary`);
+  change of a motion (:func:`mean_jacobian`, :func:`volume_change`, :func:`volume_change_summary`),
+  all of it flat for the record (:func:`registration_metrics`);
 - the data those evaluations read: :func:`brain_atlas` (the phantoms' template as an atlas) and
   :func:`cine_pairs` (each heart's end-diastole and end-systole, on isotropic voxels).
 
@@ -364,6 +365,23 @@ def optimiser_match(table: pd.DataFrame, network: str, prefix: str = "iterative"
     return OptimiserMatch(row, bool(len(reaching)), steps_of(row), speedup, curve.index[-1], steps_of(curve.index[-1]))
 
 
+def match_numbers(table: pd.DataFrame, network: str, match: OptimiserMatch) -> dict[str, Any]:
+    """The numbers a sentence about :func:`optimiser_match` needs, flat (for ``glue_values(**...)``).
+
+    ``net_dice`` and ``net_ms`` (the network's Dice and milliseconds per pair); ``matched_steps``,
+    ``matched_dice`` and ``matched_s`` (the matched optimiser run); ``speedup`` and ``speed_factor``
+    (the speed-up, and the same as a factor >= 1 whichever side is faster); ``iter_steps`` and
+    ``iter_dice`` (the optimiser's longest run). ``table`` as for :func:`optimiser_match`.
+    """
+    if network not in table.index or match.row not in table.index or match.longest not in table.index:
+        raise ValueError(f"table: needs the rows {network!r}, {match.row!r} and {match.longest!r}; has {list(table.index)}")
+    dice, seconds = table["mean Dice"], table["s per pair"]
+    return dict(net_dice=dice[network], net_ms=1000 * seconds[network], matched_steps=match.steps,
+                matched_dice=dice[match.row], matched_s=seconds[match.row], speedup=match.speedup,
+                speed_factor=max(match.speedup, 1 / match.speedup), iter_steps=match.longest_steps,
+                iter_dice=dice[match.longest])
+
+
 # 4. The motion of a heart: local volume change -------------------------------------------------
 
 class CinePairs(NamedTuple):
@@ -446,6 +464,31 @@ def volume_change_summary(table: pd.DataFrame, methods: Sequence[str], cavity: s
                    "corr": float(np.corrcoef(table[ratio], table[f"{cavity} det J, {m}"])[0, 1]),
                    "recovered": (inside - 1) / (mean_ratio - 1), "wall_steady": bool(abs(around - 1) < abs(inside - 1))}
     return pd.DataFrame(rows).T
+
+
+def registration_metrics(brain: pd.DataFrame, heart: pd.DataFrame, motion: pd.DataFrame, matched: str,
+                         mean_ratio: float, training: Mapping[str, Any], cavity: str = "LV", wall: str = "MYO",
+                         ratio: str = "EDV/ESV") -> dict[str, Any]:
+    """Everything chapter 13 measures that is worth keeping, flat (``record(..., metrics=...)``).
+
+    ``brain`` and ``heart`` are results tables (one row per method, :func:`score_fields`): their
+    Dice and the brain's seconds per pair; ``matched`` the optimiser row :func:`optimiser_match`
+    chose; ``mean_ratio`` the mean volume ratio of the pairs; ``motion`` what
+    :func:`volume_change_summary` says (one row per method), named with ``cavity``, ``wall`` and
+    ``ratio``; ``training`` maps a part ("brain") to its training history (``steps``, ``seconds``).
+    """
+    missing = {"mean Dice", "s per pair"} - set(brain.columns) | {"mean Dice"} - set(heart.columns)
+    if missing or not {"corr", "cavity", "wall"} <= set(motion.columns):
+        raise ValueError(f"brain, heart, motion: missing the columns {sorted(missing)} or corr/cavity/wall; "
+                         f"motion has {list(motion.columns)}")
+    return {**{f"brain {k}, {n}": float(v) for k, col in (("Dice", "mean Dice"), ("s per pair", "s per pair"))
+               for n, v in brain[col].items()}, "optimiser run matched": matched,
+            **{f"heart Dice, {n}": float(v) for n, v in heart["mean Dice"].items()},
+            **{f"corr({cavity} det J, {ratio}), {m}": motion.loc[m, "corr"] for m in motion.index},
+            **{f"mean {s} det J, {m}": motion.loc[m, col] for s, col in ((cavity, "cavity"), (wall, "wall"))
+               for m in motion.index}, f"mean {ratio}": mean_ratio,
+            **{f"training {k}, {part}": getattr(history, attr) for part, history in training.items()
+               for k, attr in (("steps", "steps"), ("s", "seconds"))}}
 
 
 # 5. The brain phantoms' atlas ------------------------------------------------------------------

@@ -571,3 +571,137 @@ def robustness_study(models: Mapping[str, torch.nn.Module], cases: Sequence[Any]
     robust = pd.DataFrame({c: mean_tissue_dice(models, x, labels[pick], device).mean()
                            for c, x in conditions.items()}).T
     return clean, by_site, robust.rename_axis(f"mean tissue Dice, {len(pick)} test brains")
+
+
+BRAIN_TISSUES = {"CSF": 1, "GM": 2, "WM": 3}
+HEART_STRUCTURES = {"RV": 1, "MYO": 2, "LV": 3}
+HEART_NAMES = {"RV": "right ventricle", "MYO": "myocardium", "LV": "left ventricle"}
+
+
+def score_brains(models: Mapping[str, torch.nn.Module], images: torch.Tensor, labels: torch.Tensor, spacing: Any,
+                 size: int, device: Any = None) -> tuple[dict[str, list[np.ndarray]], "pd.DataFrame", "pd.DataFrame"]:
+    """Chapter 10's brain evaluation: the classical baselines and the networks on the test brains.
+
+    ``images`` (N, 4, *S) with T1 first and ``labels`` (N, 1, *S) (0 background, 1-3 the tissues, 4
+    lesion); ``size`` picks the cohort's template for the affine atlas. The baselines (given the
+    true brain mask) run first, then every network in turn on whole volumes. Returns ``(preds,
+    scores, table)``: the label maps per method and :func:`score_table` on :data:`BRAIN_TISSUES`,
+    with the lesion scored for the networks only (no baseline knows what a lesion is).
+    """
+    from ..baselines.segmentation import tissue_baselines
+    from ..data.brain import brain_template
+
+    if images.ndim != 5 or labels.ndim != 5 or len(images) != len(labels):
+        raise ValueError(f"images, labels: expected (N, C, *S) and (N, 1, *S), got {tuple(images.shape)} and "
+                         f"{tuple(labels.shape)}")
+    atlas = brain_template(size)
+    preds = tissue_baselines(images[:, 0].numpy(), labels[:, 0].numpy() > 0, atlas["image"][..., 0],
+                             atlas["probabilities"])
+    preds |= {name: list(predict_labels(model, images, device).numpy()) for name, model in models.items()}
+    scores, table = score_table(preds, labels[:, 0].numpy(), BRAIN_TISSUES, spacing, mean="tissue mean",
+                                extra_classes={name: {"lesion": 4} for name in models})
+    return preds, scores, table
+
+
+def dice_per_case(scores: "pd.DataFrame", model: str, classes: Sequence[str] | None = None,
+                  by: Sequence[str] = ("case",)) -> "pd.Series":
+    """One method's mean Dice per volume (per group of ``by``), over ``classes`` (None: all scored)."""
+    rows = scores[scores.model == model]
+    if not len(rows):
+        raise ValueError(f"model: {model!r} is not among the scores' models {list(dict.fromkeys(scores.model))}")
+    if classes is not None:
+        rows = rows[rows["class"].isin(list(classes))]
+    return rows.groupby(list(by), sort=False)["Dice"].mean()
+
+
+def brain_summary(table: "pd.DataFrame", networks: Sequence[str], vox2vox: Any, vaereg: Any,
+                  reference: str = "U-Net", last: int = 50) -> tuple[dict[str, Any], "pd.DataFrame"]:
+    """The numbers chapter 10's text quotes from its brain table, and each network's lead.
+
+    ``table`` is :func:`score_brains`'s, ``networks`` the rows that are networks (the others are
+    baselines), ``vox2vox`` and ``vaereg`` the two continuations' histories (their means over the
+    ``last`` steps). Returns ``(numbers, lead)``: ``lead`` is each network's mean Dice minus the
+    best baseline's, per tissue; ``numbers`` is a flat dict ready for ``glue_values``: the
+    ``reference`` network's tissue Dice (``brain_unet``) and its margin over the best baseline
+    (``baseline_best``'s), its lesion Dice (``lesion_unet``), the smallest lead, the gaps of Vox2Vox and VAE-reg to the reference and how many are positive
+    (``helped``), how many methods find CSF hardest (``csf_last`` of ``n_methods``), the
+    discriminator's loss (``loss_d``; ``d_coin``: within 0.1 of ln 2, a coin's) and the VAE terms as a
+    percentage of the segmentation loss (``vae_pct``).
+    """
+    networks = list(networks)
+    if reference not in networks or not set(networks) <= set(table.index):
+        raise ValueError(f"networks: expected rows of the table including {reference!r}, got {networks}")
+    tissue_dice = table[("Dice", "tissue mean")]
+    best = tissue_dice.drop(networks).max()
+    dice_by = table["Dice"][list(BRAIN_TISSUES)]                                 # mean Dice, one row per method
+    lead = dice_by.loc[networks] - dice_by.drop(networks).max()                   # network minus best baseline
+    gaps = {name: float(tissue_dice[name] - tissue_dice[reference]) for name in ("Vox2Vox", "VAE-reg")}
+    loss_d = vox2vox.mean_last("loss_d", last)
+    numbers = dict(brain_unet=tissue_dice[reference], brain_margin=float(tissue_dice[reference] - best),
+                   baseline_best=float(best), lesion_unet=float(table[("Dice", "lesion")][reference]),
+                   min_lead=float(lead.min().min()), n_methods=len(dice_by),
+                   csf_last=int((dice_by["CSF"] <= dice_by[["GM", "WM"]].min(axis=1)).sum()),
+                   vox_gap=gaps["Vox2Vox"], vae_gap=gaps["VAE-reg"], helped=sum(gap > 0 for gap in gaps.values()),
+                   loss_d=loss_d, d_coin=bool(abs(loss_d - np.log(2)) < 0.1),
+                   vae_pct=100 * 0.1 * (vaereg.mean_last("l2", last) + vaereg.mean_last("kl", last))
+                   / vaereg.mean_last("seg", last))
+    return numbers, lead.rename_axis("lead over the best baseline")
+
+
+def score_hearts(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, phases: Sequence[str],
+                 spacing: Any, device: Any = None) -> tuple[dict[str, list[np.ndarray]], "pd.DataFrame", "pd.DataFrame"]:
+    """Chapter 10's heart evaluation: the network, its largest pieces, and k-means + geometry.
+
+    ``images`` and ``labels`` (2N, 1, *S) are the ED and ES frames of N test hearts, in pairs, and
+    ``phases`` their names. Returns ``(preds, scores, table)``, :func:`score_table` on
+    :data:`HEART_STRUCTURES` by model and phase, with ``case`` the heart of every frame.
+    """
+    from ..baselines.segmentation import heart_intensity_segmentation
+
+    if len(images) != len(labels) or len(phases) != len(images):
+        raise ValueError(f"images, labels, phases: expected one of each per frame, got {len(images)}, "
+                         f"{len(labels)} and {len(phases)}")
+    preds = {"U-Net": list(predict_labels(model, images, device).numpy())}
+    preds["U-Net, largest pieces"] = [keep_largest_component(p) for p in preds["U-Net"]]
+    preds["k-means + geometry"] = [heart_intensity_segmentation(x[0].numpy(), spacing) for x in images]
+    scores, table = score_table(preds, labels[:, 0].numpy(), HEART_STRUCTURES, spacing, by=("model", "phase"),
+                                info={"phase": phases, "case": [n // 2 for n in range(len(images))]})
+    return preds, scores, table
+
+
+def heart_summary(scores: "pd.DataFrame", model: str = "U-Net",
+                  baseline: str = "k-means + geometry") -> dict[str, Any]:
+    """The numbers chapter 10's text quotes from :func:`score_hearts`'s scores, a flat dict for
+    ``glue_values``: the mean Dice over frames and structures of the network (``heart_unet``) and of
+    the baseline, the network's margin, its hardest structure and that structure's Dice, and what
+    keeping the largest pieces changes (``lcc_dice``; the median HD95 ``hd_before``, ``hd_after``).
+    """
+    dice = scores.groupby("model", sort=False)["Dice"].mean()                 # over frames and structures
+    if model not in dice or baseline not in dice:
+        raise ValueError(f"model, baseline: expected two of {list(dice.index)}, got {model!r} and {baseline!r}")
+    by_class = scores[scores.model == model].groupby("class")["Dice"].mean()
+    hd95 = scores.groupby("model", sort=False)["HD95"].median()
+    pieces = f"{model}, largest pieces"
+    return dict(heart_unet=dice[model], heart_baseline=float(dice[baseline]),
+                heart_margin=float(dice[model] - dice[baseline]), heart_worst=HEART_NAMES.get(by_class.idxmin(),
+                by_class.idxmin()), heart_worst_dice=by_class.min(), lcc_dice=dice[pieces] - dice[model],
+                hd_before=hd95[model], hd_after=hd95[pieces])
+
+
+def robustness_summary(clean: "pd.DataFrame", by_site: "pd.DataFrame", robust: "pd.DataFrame",
+                       networks: Sequence[str] = ("plain", "randomised")) -> dict[str, Any]:
+    """The numbers chapter 10's text quotes from :func:`robustness_study`, a flat dict for
+    ``glue_values``: on how many sites (of ``n_sites``) and new conditions (of ``n_cond``) the
+    second network is ahead of the first, and that share of the conditions; the clean gap; each
+    network's mean tissue Dice on the brains as they are and under its worst condition; the better
+    network's clean mean (``t1_best``).
+    """
+    first, second = networks
+    ahead = (robust[second] > robust[first]).drop("clean")                       # per new condition
+    worst = robust.drop("clean").min()
+    return dict(sites_ahead=int((by_site[second] > by_site[first]).sum()), n_sites=len(by_site),
+                clean_gap=float(clean[second].mean() - clean[first].mean()), cond_ahead=int(ahead.sum()),
+                n_cond=len(ahead), share_ahead=float(ahead.mean()), ahead_any=bool(ahead.any()),
+                ahead_all=bool(ahead.all()), plain_clean=robust.loc["clean", first], plain_worst=worst[first],
+                rand_clean=robust.loc["clean", second], rand_worst=worst[second],
+                t1_best=float(clean[list(networks)].mean().max()))
