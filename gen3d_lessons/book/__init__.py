@@ -35,7 +35,7 @@ from .paths import (BUILD_ENV, CHAPTER_ENV, DATA_ENV, GENERATED_DOCNAMES, LIBRAR
                     find_chapter, find_root, notebook_title, toc_docnames)
 from .report import (REPORT_COLUMNS, ChapterRun, format_report, load_report, machine_summary, make_report,
                      merge_rows, report_cells, report_markdown, rows_of, save_report, status_text)
-from .results import (bound_text, format_value, glue_choice, glue_values, goal_text, passes, record,
+from .results import (Checks, bound_text, format_value, glue_choice, glue_values, goal_text, passes, record,
                       result_table, results_dir, write_json)
 from .run import build_book, default_profile, environment, parse_only, run_chapter, run_one
 from .site import (FATAL_WARNINGS, MATHJAX_PARTS, MATHJAX_VERSION, broken_links, build_html,
@@ -47,7 +47,7 @@ __all__ = [
     "REPORT_DOCNAME", "LIBRARY_DOCNAME", "GENERATED_DOCNAMES", "find_root", "BookPaths", "toc_docnames",
     "Chapter", "chapters", "find_chapter", "notebook_title",
     # results
-    "results_dir", "record", "passes", "goal_text", "bound_text", "format_value", "glue_values",
+    "results_dir", "record", "Checks", "passes", "goal_text", "bound_text", "format_value", "glue_values",
     "glue_choice", "result_table", "write_json",
     # run
     "environment", "run_chapter", "default_profile", "parse_only", "build_book", "run_one",

@@ -171,7 +171,8 @@ def age_counterfactuals(scm: DeepSCM, baseline: VoxelwiseAgeModel, cohort: Cohor
     voxel-wise model), ``mean`` (decoder mean only), ``none`` (no change)).
     """
     older = cohort.age + years
-    x_true, v_true = phantom_at_age(folder, cohort.records, older, size=cohort.x.shape[-1])
+    # the truth is rendered at the age in double precision (float32 would round age + years)
+    x_true, v_true = phantom_at_age(folder, cohort.records, cohort.age.double() + years, size=cohort.x.shape[-1])
     x_in = cohort.x.to(next(scm.image_model.parameters()).device)
     x_scm, v_scm = scm.counterfactual(x_in, cohort.age, cohort.ventricles, older)
     mean_only, _ = scm.counterfactual(x_in, cohort.age, cohort.ventricles, older, keep_residual=False)
