@@ -509,7 +509,7 @@ def test_phantom_at_age_re_renders_the_stored_brains_at_their_own_age(tiny_brain
     x, v = CF.phantom_at_age(tiny_brains, test.records, test.age, size=S)
     assert x.shape == test.x.shape and (x - test.x).abs().max() < 1e-3                  # stored as scaled int16
     assert torch.allclose(v, test.ventricles)
-    older, _ = CF.phantom_at_age(tiny_brains, test.records, test.age + 20, size=S)
+    older, _ = CF.phantom_at_age(tiny_brains, test.records, test.age.double() + 20, size=S)
     assert not torch.allclose(older, x)
     with pytest.raises(ValueError, match="one age per record"):
         CF.phantom_at_age(tiny_brains, test.records, test.age[:1], size=S)
@@ -523,7 +523,7 @@ def test_age_counterfactuals_judges_four_answers_and_the_truth(tiny_brains):
     table, answers, s = CF.age_counterfactuals(scm, glm, test, years=20, folder=tiny_brains, encoder=_fake_encoder())
     names = ["no change", "voxel-wise age model", "deep SCM, decoder mean only", "deep SCM", "phantom (truth)"]
     assert list(table.index) == names and list(answers) == names
-    assert torch.equal(answers["phantom (truth)"], CF.phantom_at_age(tiny_brains, test.records, test.age + 20, size=S)[0])
+    assert torch.equal(answers["phantom (truth)"], CF.phantom_at_age(tiny_brains, test.records, test.age.double() + 20, size=S)[0])
     assert s["share_lin"] == table.loc["voxel-wise age model", "share of the change"]
     assert s["rmse_none"] == table.loc["no change", "RMSE (brain)"] and s["shift_true"] == pytest.approx(
         table.loc["phantom (truth)", "encoder's age"] - table.loc["no change", "encoder's age"])
@@ -542,8 +542,12 @@ def test_checks_record_each_comparison_and_glue_what_the_page_says(monkeypatch):
     assert check[2]["goal"] is None and check[2]["gate"] is None and len(check) == 3
     assert glued["chX_gain"] == 0.25 and glued["chX_gain_goal"] == 0.0 and glued["chX_gain_says"] == "ahead of"
     assert glued["chX_rises_says"] == "does not rise" and glued["chX_ratio"] == 1.5 and "chX_ratio_goal" not in glued
-    head = check.headline("gain", "the headline", -0.5, says=("meets", "misses"))
-    assert head["value"] == -0.5 and len(check) == 3 and glued["chX_gain_says"] == "misses"
+    head = Checks(dict(gain=0.0), glue_prefix="chY_").headline("gain", "the headline", -0.5, says=("meets", "misses"))
+    assert head["value"] == -0.5 and len(check) == 3 and glued["chY_gain_says"] == "misses"
+    again = check("gain", "a second measurement against the same goal", -1.0)   # recorded, not glued again
+    assert again == -1.0 and check[-1]["goal"] == 0.0 and glued["chX_gain"] == 0.25
+    with pytest.raises(ValueError, match="its own key"):
+        check("gain", "a second sentence on one glue name", 1.0, says=("a", "b"))
     with pytest.raises(ValueError, match="needs a goal"):
         check("ratio", "no goal to say anything about", 1.0, says=("a", "b"))
     with pytest.raises(ValueError, match="glue_prefix"):

@@ -273,7 +273,9 @@ class Checks(list):
     ``<prefix><key>``, the goal as ``<prefix><key>_goal`` and, given ``says=(if_met, if_missed)``,
     the words this value chooses against the goal (:func:`passes`) as ``<prefix><key>_says``: the
     sentence the page prints and the check the result records cannot disagree. A key that
-    ``goals`` lacks is a row that describes, with no aim. :meth:`headline` does the same for the
+    ``goals`` lacks is a row that describes, with no aim. A key checked again (a second
+    measurement against the same goal) is recorded again but glued only from its first check:
+    a glue name holds one value. :meth:`headline` does the same for the
     chapter's headline, which :func:`record` takes apart from the checks.
     """
 
@@ -284,6 +286,7 @@ class Checks(list):
             raise ValueError(f"goals, gates: expected dicts {{key: bound}}, got {type(goals).__name__} and "
                              f"{type(gates).__name__}")
         self.goals, self.gates, self.glue_prefix = goals, gates or {}, glue_prefix
+        self._glued: set[str] = set()                  # keys whose value and goal are glued already
 
     def __call__(self, key: str, metric: str, value: Any, higher_is_better: bool = True,
                  says: tuple[str, str] | None = None) -> Any:
@@ -302,7 +305,12 @@ class Checks(list):
                              f"got goal {goal!r}, glue_prefix {self.glue_prefix!r}, says {says!r}")
         if self.glue_prefix is not None:
             name = f"{self.glue_prefix}{key}"
-            glue_values(**{name: value}, **({} if goal is None else {f"{name}_goal": goal}))
-            if says is not None:
-                glue_choice(f"{name}_says", passes(value, goal, higher_is_better), *says)
+            if key in self._glued:
+                if says is not None:
+                    raise ValueError(f"says: {key!r} was checked and glued before; give this check its own key")
+            else:
+                self._glued.add(key)
+                glue_values(**{name: value}, **({} if goal is None else {f"{name}_goal": goal}))
+                if says is not None:
+                    glue_choice(f"{name}_says", passes(value, goal, higher_is_better), *says)
         return dict(metric=metric, value=value, goal=goal, gate=self.gates.get(key), higher_is_better=higher_is_better)
