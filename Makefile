@@ -46,8 +46,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -e .
 	@touch $@
 
-## The datasets: synthetic, made locally (nothing is downloaded), skipped when present.
+## The datasets: synthetic, made locally (nothing is downloaded), skipped when present; then the
+## yardstick encoder the synthesis chapters share (trained once on new phantom brains, then cached).
 data: $(DATA)/brain/dataset.json $(DATA)/heart/dataset.json
+	$(GEN3D) yardstick --data $(DATA)/brain
 
 $(DATA)/brain/dataset.json: | $(STAMP)
 	$(GEN3D) data brain --out $(DATA)/brain --n $(DATA_N) --size $(DATA_SIZE) --seed $(DATA_SEED)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["norm", "PixelNorm", "conv_norm_act", "down", "up", "ConvBlock3d", "PatchDiscriminatorConfig",
+__all__ = ["set_template", "norm", "PixelNorm", "conv_norm_act", "down", "up", "ConvBlock3d", "PatchDiscriminatorConfig",
            "PatchDiscriminator3D", "check_condition", "sample_from_prior", "check_pyramid", "check_volumes",
            "one_hot", "count_parameters"]
 
@@ -208,6 +208,18 @@ def sample_from_prior(model: nn.Module, n: int, z_dim: int, c: torch.Tensor | No
 
 
 # 5. Input checks --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def set_template(template: nn.Parameter | None, mean_volume: torch.Tensor, sigmoid: bool) -> None:
+    """Start a generator's per-voxel output bias ``template`` (1, C, D, H, W) at the average
+    training volume (its logit when the output goes through a sigmoid)."""
+    if template is None:
+        raise ValueError("set_template: this generator was built with template=False")
+    m = mean_volume.reshape(template.shape).to(template)
+    if not torch.isfinite(m).all():
+        raise ValueError("mean_volume: contains NaN or infinite values")
+    template.copy_(torch.logit(m.clamp(1e-3, 1 - 1e-3)) if sigmoid else m)
+
 
 def check_pyramid(name: str, channels: tuple[int, ...], groups: int, size: int) -> None:
     """Raise unless GroupNorm's ``groups`` divide every width and ``size`` halves once per width."""

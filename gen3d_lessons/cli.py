@@ -1,6 +1,7 @@
 """The ``gen3d`` command: make the datasets, run a chapter, build the book, print the report.
 
     gen3d data brain|heart|all [--n 64] [--size 64] [--frames 16] [--seed 0] [--out PATH]
+    gen3d yardstick [--data PATH]
     gen3d chapters
     gen3d run 1 [--profile cpu]
     gen3d book [--profile cpu] [--only 1,2] [--no-build | --no-run]
@@ -50,6 +51,23 @@ def cmd_data(args: argparse.Namespace) -> int:
         else:
             out = Path(args.out)
         _make_dataset(kind, out, args)
+    return 0
+
+
+def cmd_yardstick(args: argparse.Namespace) -> int:
+    """Train (or load from the cache) the yardstick encoder every synthesis chapter shares."""
+    from .tasks import yardstick
+
+    paths = book.BookPaths.at(args.root)
+    folder = Path(args.data) if args.data else paths.data / "brain"
+    if not (folder / "dataset.json").is_file():
+        raise FileNotFoundError(f"{folder}: no brain dataset here; make it first with `gen3d data brain`")
+    enc = yardstick.load_or_train_encoder(folder)       # the defaults every chapter uses
+    t = enc.training
+    how = "loaded from the cache" if enc.cached else \
+        f"cohorts made in {t['cohort_seconds']} s, trained in {t['seconds']} s"
+    print(f"yardstick encoder: {enc.path} ({t['steps']} steps on {t['cohort']} new brains; {how})")
+    print(yardstick.heads_table(enc).round(3).to_string())
     return 0
 
 
@@ -107,6 +125,10 @@ def parser() -> argparse.ArgumentParser:
                       help="dataset folder (for 'all': the parent folder); default data/<name>")
     data.add_argument("--force", action="store_true", help="remake an existing dataset")
     data.set_defaults(func=cmd_data)
+
+    yard = sub.add_parser("yardstick", help="train (once) the encoder that scores generated brains")
+    yard.add_argument("--data", default=None, help="brain dataset folder (default data/brain)")
+    yard.set_defaults(func=cmd_yardstick)
 
     chapters = sub.add_parser("chapters", help="list the chapters of the toc")
     chapters.set_defaults(func=cmd_chapters)

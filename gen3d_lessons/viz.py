@@ -916,3 +916,34 @@ def first_and_worst_frame(images: Any, labels: Any, preds: Mapping[str, Sequence
                  for i, title in ((0, "a test heart at ED"), (2 * case + (phase == "ES"), f"the worst frame: case {case} "
                                   f"({pathologies[case]}) at {phase}, mean Dice {per_frame.min():.3f} (median over "
                                   f"frames {per_frame.median():.3f})")))
+
+
+def plot_sensitivity(table: Any, metrics: Mapping[str, str], *, dashed: Sequence[str] = ("copies of training",)) -> Figure:
+    """How a distance grows with known damage (chapter 7): one panel per metric, one line per damage.
+
+    ``table``: a pandas DataFrame indexed by (damage, strength) with an undamaged row
+    ``("none", 0.0)`` (:func:`~gen3d_lessons.tasks.sensitivity.sensitivity_table`); ``metrics``
+    ``{column: panel title}``. Each line is the metric divided by its value on the undamaged
+    set, against the step of strength (0: undamaged), on a log scale: a metric that measures
+    climbs at every step, one that does not stays flat or wanders. ``dashed`` damages are drawn
+    dashed (copies of training brains, which a distance between distributions should not see).
+    """
+    if not hasattr(table, "xs") or ("none", 0.0) not in table.index:
+        raise ValueError("table: expected a DataFrame indexed by (damage, strength) with a ('none', 0.0) row")
+    missing = [m for m in metrics if m not in table.columns]
+    if not metrics or missing:
+        raise ValueError(f"metrics: expected columns of the table, missing {missing or 'all'}")
+    damages = [d for d in dict.fromkeys(table.index.get_level_values(0)) if d != "none"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.0), dpi=DPI, squeeze=False)
+    for a, (metric, title) in zip(axes[0], metrics.items()):
+        floor = float(table.loc[("none", 0.0), metric])
+        for d in damages:
+            part = table.xs(d, level=0).sort_index()[metric].to_numpy(dtype=float)
+            values = np.r_[floor, part] / floor if floor > 0 else np.r_[floor, part]
+            a.plot(range(len(values)), values, "--" if d in dashed else "-", marker="o", ms=3, label=d)
+        a.set(title=title, xlabel="step of strength (0: undamaged)", ylabel="÷ undamaged" if floor > 0 else metric)
+        if floor > 0:
+            a.set_yscale("log")
+        a.set_xticks(range(len(part) + 1))
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return _done(fig)

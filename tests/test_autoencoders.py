@@ -9,7 +9,8 @@ import torch
 from gen3d_lessons.blocks import check_volumes
 from gen3d_lessons.losses import gaussian_nll, kl_per_voxel, kl_to_standard_normal
 from gen3d_lessons.models.autoencoder import AEConfig, Autoencoder3D, PCA3D, UNetAutoencoder3D
-from gen3d_lessons.models.scm import DeepSCM, VolumeMechanism, VoxelwiseAgeModel, ventricle_volume_ml
+from gen3d_lessons.data.brain import ventricle_volume_ml
+from gen3d_lessons.models.scm import DeepSCM, VolumeMechanism, VoxelwiseAgeModel
 from gen3d_lessons.models.unet import UNet3D, UNetConfig
 from gen3d_lessons.models.vae import VAE3D, VAEConfig
 from gen3d_lessons.training import load_model, save_model

@@ -407,9 +407,10 @@ class _Judge:
     as the site and voxel (0, 0, 1) as the age."""
 
     def __init__(self):
-        self.heldout = {"age_mae": 5.0, "age_mae_baseline": 9.0, "age_r2": 0.4, "site_acc": 0.9,
+        self.heldout = {"n_test": 10, "age_mae": 5.0, "age_mae_baseline": 9.0, "age_r2": 0.4, "site_acc": 0.9,
                         "site_acc_baseline": 0.4, "lesion_acc": 0.7, "lesion_acc_baseline": 0.5,
                         "lesion_auc": 0.8, "volumes_r2": 0.6}
+        self.check = {}
 
     def features(self, x):
         x = torch.as_tensor(x).flatten(1)
@@ -432,7 +433,8 @@ class _Obedient(torch.nn.Module):
 def test_heads_table_fd_to_and_condition_readback():
     judge = _Judge()
     t = Y.heads_table(judge)
-    assert t.loc["site accuracy", "encoder"] == 0.9 and t.loc["site accuracy", "trivial guess"] == 0.4
+    assert list(t.columns) == ["test split (n=10)", "trivial guess"]
+    assert t.loc["site accuracy", "test split (n=10)"] == 0.9 and t.loc["site accuracy", "trivial guess"] == 0.4
     assert math.isnan(t.loc["lesion AUC", "trivial guess"])
     a, b = torch.rand(20, 1, 4, 4, 4), torch.rand(20, 1, 4, 4, 4) + 1
     fd = Y.fd_to(judge, a, {"same": a, "brighter": b})
@@ -482,3 +484,65 @@ def test_sample_rows_and_plot_gan_training():
         plot_gan_training({"a": {"d_loss": [1.0], "g_loss": [1.0]}})
     with pytest.raises(ValueError, match="titles"):
         plot_gan_training({"a": h}, titles=("A", "B"))
+
+
+# 3D-α-WGAN-GP (chapter 7) ----------------------------------------------------------------------
+
+from gen3d_lessons.models.alphagan import CodeCritic, VolumeEncoder, VolumeEncoderConfig   # noqa: E402
+from gen3d_lessons.training.gan import alpha_gan_step, train_alpha_gan                     # noqa: E402
+
+
+def alpha_parts():
+    torch.manual_seed(0)
+    g = small_g()
+    e = VolumeEncoder(VolumeEncoderConfig(size=S, channels=(4, 8), z_dim=g.cfg.z_dim))
+    return g, e, small_d(), CodeCritic(g.cfg.z_dim, width=16)
+
+
+def test_alpha_gan_pieces_shapes_and_bad_input():
+    g, e, d, c = alpha_parts()
+    x = torch.rand(3, 1, S, S, S)
+    z = e(x)
+    assert z.shape == (3, g.cfg.z_dim) and c(z).shape == (3,) and g(z).shape == x.shape
+    with pytest.raises(ValueError, match="x: expected"):
+        e(torch.rand(3, 1, S, S, S + 1))
+    with pytest.raises(ValueError, match="z: expected"):
+        c(torch.rand(3, g.cfg.z_dim + 1))
+    with pytest.raises(ValueError, match="size"):
+        VolumeEncoderConfig(size=10, channels=(4, 8))
+    with pytest.raises(ValueError, match="positive"):
+        CodeCritic(0)
+
+
+def test_alpha_gan_step_trains_all_four_networks_and_the_ema():
+    g, e, d, c = alpha_parts()
+    ema = copy.deepcopy(g)
+    before = [copy.deepcopy(net.state_dict()) for net in (g, e, d, c, ema)]
+    opts = {k: torch.optim.Adam(net.parameters(), 1e-3) for k, net in (("opt_g", g), ("opt_e", e), ("opt_d", d), ("opt_c", c))}
+    out = alpha_gan_step({"image": torch.rand(3, 1, S, S, S)}, 0, generator=g, encoder=e, critic=d, code_critic=c,
+                         ema=ema, **opts)
+    assert {"d_loss", "c_loss", "rec", "g_adv", "e_adv"} <= set(out) and all(math.isfinite(v) for v in out.values())
+    for net, old in zip((g, e, d, c, ema), before):
+        assert any(not torch.equal(v, old[k]) for k, v in net.state_dict().items()), type(net).__name__
+
+
+def test_alpha_gan_learns_to_reconstruct():
+    g, e, d, c = alpha_parts()
+    x = torch.rand(4, 1, S, S, S) * 0.2 + 0.4
+    batches = Batches({"image": x}, batch_size=4, augment=())
+    final, history = train_alpha_gan(g, e, d, c, batches, max_steps=30, lr=2e-3, probe=lambda m: {"fd": 1.0},
+                                     probe_every=10)
+    assert history.steps == 30 and history.mean_last("rec", 5) < history.values["rec"][0]
+    assert final is not g and not final.training and history.values["fd"][9] == 1.0
+
+
+def test_stylegan_template_starts_at_the_mean_volume():
+    mean = torch.rand(1, S, S, S) * 0.5 + 0.25
+    g = StyleGenerator3D(StyleGANConfig(size=S, channels=(8, 4, 4), template=True)).set_template(mean)
+    with torch.no_grad():
+        for p in g.to_image.parameters():
+            p.zero_()                                  # the image layers silent: only the template speaks
+        x = g(torch.randn(2, g.cfg.z_dim))
+    torch.testing.assert_close(x[0], mean, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="template=False"):
+        StyleGenerator3D(StyleGANConfig(size=S, channels=(8, 4, 4))).set_template(mean)

@@ -63,6 +63,13 @@ def test_encoder_shapes_and_config_checks():
     assert out["age"].shape == (2,) and out["site"].shape == (2, 3) and out["volumes"].shape == (2, 3)
     with pytest.raises(ValueError, match="groups"):
         EncoderConfig(feature_dim=12)
+    both = Encoder3D(EncoderConfig(size=S, feature_dim=16, pool="mean+max", n_volumes=5))
+    x = torch.rand(2, 1, S, S, S)
+    f = both.features(x)
+    assert f.shape == (2, 16) and both(x)["volumes"].shape == (2, 5)
+    assert (f[:, 8:] >= f[:, :8] - 1e-6).all()                 # the maxima are at least the means
+    with pytest.raises(ValueError, match="pool"):
+        EncoderConfig(pool="max")
     with pytest.raises(ValueError, match=r"x: expected \(B, 1"):
         m.features(torch.zeros(2, 2, S, S, S))
 
@@ -70,7 +77,7 @@ def test_encoder_shapes_and_config_checks():
 def test_encoder_trains_caches_reloads_and_evaluates(tmp_path):
     folder = _tiny_brains(tmp_path / "tiny")
     kw = dict(size=S, channels=("T1",), budget_s=None, max_steps=3, batch_size=4, cache_dir=tmp_path / "models",
-              config=EncoderConfig(size=S, feature_dim=16, n_sites=3))
+              config=EncoderConfig(size=S, feature_dim=16, n_sites=3), cohort=0)
     enc = Y.load_or_train_encoder(folder, **kw)
     assert not enc.cached and enc.path.is_file() and enc.training["steps"] == 3
     assert {"age_mae", "site_acc", "lesion_acc", "age_mae_baseline"} <= set(enc.heldout)
@@ -112,7 +119,7 @@ def test_encoder_trains_caches_reloads_and_evaluates(tmp_path):
 def test_encoder_training_is_deterministic_and_probe_follows_a_generator(tmp_path):
     folder = _tiny_brains(tmp_path / "tiny")
     kw = dict(size=S, channels=("T1",), budget_s=None, max_steps=4, batch_size=4,
-              config=EncoderConfig(size=S, feature_dim=16, n_sites=3))
+              config=EncoderConfig(size=S, feature_dim=16, n_sites=3), cohort=0)
     a = Y.load_or_train_encoder(folder, cache_dir=tmp_path / "a", **kw)
     b = Y.load_or_train_encoder(folder, cache_dir=tmp_path / "b", **kw)      # trained again, elsewhere
     assert a.path.name == b.path.name and a.training["stopped_by"] == "max_steps"
@@ -131,3 +138,68 @@ def test_encoder_training_is_deterministic_and_probe_follows_a_generator(tmp_pat
     probe = Y.fd_probe(a, train, n=4, seed=0)
     assert probe(Fixed(train))["fd"] == probe(Fixed(train))["fd"] >= 0      # the same codes every call
     assert probe(Fixed(train * 0 + 0.5))["fd"] > probe(Fixed(train))["fd"]
+
+
+# The encoder learns from new brains of the dataset's population --------------------------------
+
+@pytest.fixture(scope="module")
+def phantom_brains(tmp_path_factory):
+    from gen3d_lessons.data.brain import make_brain_dataset
+    return make_brain_dataset(tmp_path_factory.mktemp("yard") / "brain", n=5, size=16, test_fraction=0.4,
+                              progress=False)
+
+
+def test_encoder_from_a_generated_cohort_with_a_check_cohort(phantom_brains, tmp_path):
+    kw = dict(size=16, budget_s=None, max_steps=2, batch_size=4, cache_dir=tmp_path, cohort=6, check=5,
+              config=EncoderConfig(size=16, feature_dim=16, n_volumes=len(Y.VOLUMES)))
+    enc = Y.load_or_train_encoder(phantom_brains, **kw)
+    assert enc.training["cohort"] == 6 and enc.targets["volume_names"] == list(Y.VOLUMES)
+    assert enc.check["n_test"] == 5 and enc.heldout["n_test"] == 2
+    assert {"age_r2", "ventricle_ml_r2", "lesion_ml_r2", "volumes_r2"} <= set(enc.check)
+    images, attrs = enc.check_cohort()
+    assert images.shape == (5, 1, 16, 16, 16) and list(attrs.columns[:3]) == ["age", "site", "has_lesion"]
+    table = Y.heads_table(enc)
+    assert list(table.columns) == ["test split (n=2)", "check cohort (n=5)", "trivial guess"]
+    again = Y.load_or_train_encoder(phantom_brains, **kw)                  # cached, check cohort and all
+    assert again.cached and again.check == enc.check
+    # the cohort's brains are new: none is a brain of the dataset
+    train = Y.load_volumes(phantom_brains, "train", size=16)
+    assert torch.cdist(images.flatten(1), train.flatten(1)).min() > 1e-3
+    # the control: the same shape, untrained, seeded
+    r1, r2 = Y.random_encoder(enc, seed=1), Y.random_encoder(enc, seed=1)
+    np.testing.assert_array_equal(r1.features(images), r2.features(images))
+    assert not np.allclose(r1.features(images), enc.features(images))
+    with pytest.raises(ValueError, match="cohort, check"):
+        Y.load_or_train_encoder(phantom_brains, **{**kw, "check": 0})
+    # the check cohort's subjects can be made again from their seeds, and in another mode
+    from gen3d_lessons.data.brain import brain_cohort, brain_config_of
+    from gen3d_lessons.tasks.sensitivity import mode_versions
+    seeds = Y.cohort_seeds(phantom_brains, "check", 2)
+    remade, _ = brain_cohort(brain_config_of(phantom_brains), seeds, size=16)
+    torch.testing.assert_close(remade, images[:2])
+    modes = mode_versions(phantom_brains, seeds, size=16)
+    assert set(modes) == {"one site", "young only", "no lesions"} and modes["one site"].shape == (2, 1, 16, 16, 16)
+    for i, lesion in enumerate(attrs["has_lesion"][:2]):
+        assert torch.equal(modes["no lesions"][i], images[i]) == (not lesion)    # only a brain with lesions changes
+    with pytest.raises(ValueError, match="which"):
+        Y.cohort_seeds(phantom_brains, "train", 2)
+
+
+def test_cohort_brains_are_served_as_the_dataset_serves_its_own(phantom_brains):
+    from gen3d_lessons.data.brain import brain_cohort, brain_config_of
+    from gen3d_lessons.data.datasets import VolumeDataset
+    from gen3d_lessons.data.errors import DataError
+
+    cfg = brain_config_of(phantom_brains)
+    assert cfg.size == 16 and cfg.lesion_probability == 0.3
+    ds = VolumeDataset(phantom_brains, "train", keys=("image",), channels=["T1"], size=8)
+    item = ds[0]
+    images, attrs = brain_cohort(cfg, [int(item["seed"])], size=8)
+    torch.testing.assert_close(images[0], item["image"], atol=1e-5, rtol=0)
+    assert attrs[0]["age"] == pytest.approx(float(item["age"])) and attrs[0]["ventricle_ml"] >= 0
+    older, _ = brain_cohort(cfg, [int(item["seed"])], size=8, overrides=[{"age": 89.0}])
+    assert not torch.equal(older, images)
+    with pytest.raises(ValueError, match="overrides"):
+        brain_cohort(cfg, [1, 2], overrides=[{}])
+    with pytest.raises(DataError, match="dataset.json"):
+        brain_config_of(phantom_brains / "imagesTr")

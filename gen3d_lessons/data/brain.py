@@ -516,3 +516,81 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
     return x
+
+
+def ventricle_volume_ml(label: Any, spacing: Any, csf: int = 1, depth_mm: float = 12.0) -> float:
+    """Volume (ml) of the CSF deep inside the brain: the ventricles, without the CSF of the sulci.
+
+    ``label`` is a 3D label map (0 outside the brain, ``csf`` for cerebrospinal fluid), ``spacing``
+    its voxel size in mm. A CSF voxel counts if it lies more than ``depth_mm`` from the outside of
+    the brain (Euclidean distance transform of the mask ``label > 0``).
+    """
+    from scipy import ndimage
+
+    lab = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    if lab.ndim != 3:
+        raise ValueError(f"label: expected a 3D label map (X, Y, Z), got shape {lab.shape}")
+    if not np.issubdtype(lab.dtype, np.integer) and not (np.isfinite(lab).all() and (lab == np.round(lab)).all()):
+        raise ValueError("label: expected integer labels, got fractional or non-finite values")
+    sp = np.broadcast_to(np.asarray(spacing, dtype=float), (3,))
+    if not (np.isfinite(sp).all() and (sp > 0).all()):
+        raise ValueError(f"spacing: expected three positive voxel sizes in mm, got {spacing!r}")
+    depth = ndimage.distance_transform_edt(lab > 0, sampling=sp)               # mm to the outside
+    return float(((lab == csf) & (depth > depth_mm)).sum() * np.prod(sp) / 1000.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# More subjects of a dataset's population, in memory (the yardstick encoder's training cohort)
+# ----------------------------------------------------------------------------------------------
+
+def brain_config_of(folder: str | Path) -> BrainConfig:
+    """The :class:`BrainConfig` a brain dataset was generated with, read from its ``dataset.json``."""
+    import json
+
+    path = Path(folder) / "dataset.json"
+    if not path.is_file():
+        raise DataError(path, "not found; expected a brain dataset folder made by `gen3d data brain`")
+    saved = json.loads(path.read_text()).get("config")
+    if not isinstance(saved, dict):
+        raise DataError(path, "has no generator 'config'; only datasets made by gen3d can be extended")
+    tupled = lambda v: tuple(v) if isinstance(v, list) else v                                   # noqa: E731
+    try:
+        sites = tuple(SiteStyle(**{k: tupled(v) for k, v in s.items()}) for s in saved["sites"])
+        return BrainConfig(**{k: tupled(v) for k, v in saved.items() if k not in ("sites", "intensities")},
+                           sites=sites, intensities={k: tuple(v) for k, v in saved["intensities"].items()})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(path, f"its generator config does not describe a brain cohort ({exc})") from None
+
+
+def brain_cohort(cfg: BrainConfig, seeds: Any, *, channels: tuple[int, ...] = (0,), size: int | None = None,
+                 overrides: Any = None, desc: str = "cohort") -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Subjects ``make_brain_subject(seed, cfg, **override)`` for each seed, as the dataset reader serves them.
+
+    ``overrides``: one dict per seed (``age``, ``has_lesion``, ``site``), or None: the same
+    anatomy made older, without lesions or at another site.
+
+    Returns images (N, len(channels), size, size, size) float32, resampled from ``cfg.size``
+    trilinearly exactly as :class:`~gen3d_lessons.data.datasets.VolumeDataset` resamples, and
+    one attribute dict per subject (:func:`make_brain_subject`'s, plus ``ventricle_ml``). About
+    0.2 s per subject at 64³ on one core: hundreds of brains in a minute.
+    """
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds: expected at least one subject seed")
+    size = cfg.size if size is None else int(size)
+    overrides = [{}] * len(seeds) if overrides is None else list(overrides)
+    if len(overrides) != len(seeds):
+        raise ValueError(f"overrides: expected one dict per seed ({len(seeds)}), got {len(overrides)}")
+    images, attributes = [], []
+    for seed, override in tqdm(list(zip(seeds, overrides)), desc=desc, mininterval=5):
+        s = make_brain_subject(seed, cfg, **override)
+        x = torch.from_numpy(np.ascontiguousarray(s["image"][..., list(channels)])).permute(3, 0, 1, 2)
+        if tuple(x.shape[1:]) != (size,) * 3:
+            x = F.interpolate(x[None], size=(size,) * 3, mode="trilinear", align_corners=False)[0]
+        images.append(x)                                                       # (C, size, size, size)
+        spacing = np.abs(np.diag(s["affine"]))[:3]
+        attributes.append({**s["attributes"], "ventricle_ml": round(ventricle_volume_ml(s["label"], spacing), 2)})
+    return torch.stack(images), attributes

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..blocks import (PatchDiscriminator3D, PatchDiscriminatorConfig, check_condition, conv_norm_act, norm,
-                      sample_from_prior)
+                      sample_from_prior, set_template)
 
 __all__ = ["GeneratorConfig", "Generator3D", "DiscriminatorConfig", "Discriminator3D", "PatchCritic3D",
            "PatchDiscriminatorConfig"]   # the last: PatchCritic3D's config, from blocks
@@ -121,12 +121,7 @@ class Generator3D(nn.Module):
         (With a sigmoid output the bias is the average's logit.) Returns the generator itself,
         like ``nn.Module.to``.
         """
-        if self.template is None:
-            raise ValueError("set_template: this generator was built with template=False")
-        m = mean_volume.reshape(self.template.shape).to(self.template)
-        if not torch.isfinite(m).all():
-            raise ValueError("mean_volume: contains NaN or infinite values")
-        self.template.copy_(torch.logit(m.clamp(1e-3, 1 - 1e-3)) if self.cfg.output == "sigmoid" else m)
+        set_template(self.template, mean_volume, self.cfg.output == "sigmoid")
         return self
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:

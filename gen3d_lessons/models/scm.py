@@ -48,29 +48,6 @@ from ..blocks import check_volumes
 from .vae import VAE3D
 
 
-# 1. Measuring the ventricles --------------------------------------------------------------------
-
-def ventricle_volume_ml(label: Any, spacing: Any, csf: int = 1, depth_mm: float = 12.0) -> float:
-    """Volume (ml) of the CSF deep inside the brain: the ventricles, without the CSF of the sulci.
-
-    ``label`` is a 3D label map (0 outside the brain, ``csf`` for cerebrospinal fluid), ``spacing``
-    its voxel size in mm. A CSF voxel counts if it lies more than ``depth_mm`` from the outside of
-    the brain (Euclidean distance transform of the mask ``label > 0``).
-    """
-    from scipy import ndimage
-
-    lab = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
-    if lab.ndim != 3:
-        raise ValueError(f"label: expected a 3D label map (X, Y, Z), got shape {lab.shape}")
-    if not np.issubdtype(lab.dtype, np.integer) and not (np.isfinite(lab).all() and (lab == np.round(lab)).all()):
-        raise ValueError("label: expected integer labels, got fractional or non-finite values")
-    sp = np.broadcast_to(np.asarray(spacing, dtype=float), (3,))
-    if not (np.isfinite(sp).all() and (sp > 0).all()):
-        raise ValueError(f"spacing: expected three positive voxel sizes in mm, got {spacing!r}")
-    depth = ndimage.distance_transform_edt(lab > 0, sampling=sp)               # mm to the outside
-    return float(((lab == csf) & (depth > depth_mm)).sum() * np.prod(sp) / 1000.0)
-
-
 # 2. The mechanisms ------------------------------------------------------------------------------
 
 def _vector(a: Any, name: str, n: int | None = None, positive: bool = False) -> torch.Tensor:
@@ -274,4 +251,4 @@ class VoxelwiseAgeModel:
         return x + self.slope.to(x.device) * delta.view(-1, 1, 1, 1, 1).to(x.device)
 
 
-__all__ = ["ventricle_volume_ml", "VolumeMechanism", "Abduction", "DeepSCM", "VoxelwiseAgeModel"]
+__all__ = ["VolumeMechanism", "Abduction", "DeepSCM", "VoxelwiseAgeModel"]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks import check_condition, sample_from_prior
+from ..blocks import check_condition, sample_from_prior, set_template
 
 __all__ = ["StyleGANConfig", "MappingNetwork", "ModulatedConv3d", "NoiseInjection", "StyleBlock3D",
            "StyleGenerator3D"]
@@ -47,6 +47,7 @@ class StyleGANConfig:
     size: int = 32
     channels: tuple[int, ...] = (64, 32, 16, 8)  # 4³ -> 8³ -> 16³ -> 32³
     output: str = "sigmoid"                      # "sigmoid" | "none"
+    template: bool = False                       # a learned per-voxel bias on the output (see set_template)
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -169,6 +170,15 @@ class StyleGenerator3D(nn.Module):
         self.to_image = nn.ModuleList(ModulatedConv3d(c, cfg.out_channels, 1, cfg.w_dim, demodulate=False)
                                       for c in ch)
         self.image_bias = nn.Parameter(torch.zeros(1, cfg.out_channels, 1, 1, 1))
+        self.template = (nn.Parameter(torch.zeros(1, cfg.out_channels, cfg.size, cfg.size, cfg.size))
+                         if cfg.template else None)
+
+    @torch.no_grad()
+    def set_template(self, mean_volume: torch.Tensor) -> "StyleGenerator3D":
+        """Start the per-voxel output bias at the average training volume, as
+        :meth:`~gen3d_lessons.models.gan.Generator3D.set_template` does; returns the generator."""
+        set_template(self.template, mean_volume, self.cfg.output == "sigmoid")
+        return self
 
     def synthesis(self, w: torch.Tensor, noise: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """Volumes (B, C, size³) from intermediate codes ``w`` (B, W); ``noise``: one per block or None."""
@@ -181,6 +191,8 @@ class StyleGenerator3D(nn.Module):
             image = y if image is None else y + F.interpolate(image, scale_factor=2, mode="trilinear",
                                                               align_corners=False)
         image = image + self.image_bias
+        if self.template is not None:
+            image = image + self.template
         return torch.sigmoid(image) if self.cfg.output == "sigmoid" else image
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None,

@@ -39,10 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.brain import BrainConfig, make_brain_subject
+from ..data.brain import BrainConfig, make_brain_subject, ventricle_volume_ml
 from ..data.datasets import CaseRecord, VolumeDataset, load_case
 from ..metrics.image import reconstruction_scores
-from ..models.scm import DeepSCM, VoxelwiseAgeModel, ventricle_volume_ml
+from ..models.scm import DeepSCM, VoxelwiseAgeModel
 from .yardstick import YardstickEncoder, to_encoder_size
 
 __all__ = ["Cohort", "load_cohort", "copy_test", "phantom_at_age", "age_counterfactuals", "judge_counterfactuals"]

@@ -18,16 +18,20 @@ column                question                                                  
 ====================  ==============================================================  ============
 
 "Encoder" is the feature space of a small 3D network (:class:`~gen3d_lessons.models.encoder.Encoder3D`)
-trained here, once, on the phantoms' training split to predict age, site, lesions and tissue
-volumes (with the augmentations and weight decay of :data:`RECIPE`, without which it memorises
-the ~50 training brains), then frozen and cached with the version of the data it saw
-(:func:`load_or_train_encoder`). FD and KID computed in it are "FD / KID in our encoder": they
-rank models on this cohort; they are not comparable with FID numbers from 2D papers.
+trained here, once, to predict age, site, lesions and the tissue, ventricle and lesion volumes of
+hundreds of *new* brains that the phantom draws from the dataset's population (its generator
+config, other seeds), with the augmentations, weight decay and schedule of :data:`RECIPE`; then
+frozen and cached with the version of the data (:func:`load_or_train_encoder`). A second cohort
+of new brains, the check cohort, is saved beside it to test it (:func:`heads_table`) and to put
+it on trial (:mod:`gen3d_lessons.tasks.sensitivity`, chapter 7). FD and KID computed in it are
+"FD / KID in our encoder": they rank models on this cohort; they are not comparable with FID
+numbers from 2D papers.
 
 Every chapter gets the same encoder: call ``load_or_train_encoder(ensure_dataset("brain"),
-size=run.size)`` with the other arguments left at their defaults. The step cap ends its
-training (about 15–25 s on one CPU core at 32³), the clock only guards against a stuck
-machine, and a file lock makes two chapters that miss the cache at once train it once.
+size=run.size)`` with the other arguments left at their defaults (``make data`` runs
+``gen3d yardstick``, which trains it once: about three minutes to draw the cohorts and two and a
+half to train on two CPU cores). The step cap ends its training, the clock only guards against a
+stuck machine, and a file lock makes two chapters that miss the cache at once train it once.
 :func:`~gen3d_lessons.metrics.generative.memorisation_passed` is the pass/fail rule of the
 memorisation columns, and :func:`fd_probe` follows FD while a generator trains.
 
@@ -69,7 +73,7 @@ from ..training import fit, load_model, save_model
 from ..training.encoder import encoder_step
 from ..profiles import step_cap
 
-__all__ = ["data_version", "load_volumes", "YardstickEncoder", "load_or_train_encoder", "evaluate_samples",
+__all__ = ["data_version", "load_volumes", "YardstickEncoder", "load_or_train_encoder", "random_encoder", "cohort_seeds", "VOLUMES", "evaluate_samples",
            "mean_noise_baseline", "reference_rows", "table", "fd_probe", "RECIPE", "ENCODER_STEPS"]
 
 
@@ -96,28 +100,70 @@ def load_volumes(folder: str | Path, split: str, size: int = 32,
     return torch.stack([ds[i]["image"] for i in range(len(ds))])
 
 
-def _targets(folder: Path, split: str, size: int, channels: Sequence[str | int]) -> dict[str, torch.Tensor]:
-    """Images and raw targets of one split: image, age, site, lesion, volumes (CSF, GM, WM in ml)."""
+VOLUMES = ("csf_ml", "gm_ml", "wm_ml", "ventricle_ml", "lesion_ml")   # what the volume head may predict
+
+
+def _targets(images: torch.Tensor, attributes: Sequence[Mapping[str, Any]], source: str) -> dict[str, Any]:
+    """Images and raw targets: image, age, site, lesion, volumes (ml: those of :data:`VOLUMES` the
+    cases carry, named in ``"volume_names"``)."""
+    for key in ("age", "site", "has_lesion", "csf_ml", "gm_ml", "wm_ml"):
+        if key not in attributes[0]:
+            raise ValueError(f"{source}: cases have no attribute {key!r}; the yardstick encoder needs the brain "
+                             "phantoms' age, site, has_lesion, csf_ml, gm_ml, wm_ml")
+    names = [k for k in VOLUMES if k in attributes[0]]
+    column = lambda k, dtype=torch.float32: torch.tensor([float(a[k]) for a in attributes], dtype=dtype)  # noqa: E731
+    return {"image": images,                                                                  # (N, C, D, H, W)
+            "age": column("age"), "site": column("site").long(), "lesion": column("has_lesion"),  # (N,) each
+            "volumes": torch.stack([column(k) for k in names], 1),                            # (N, V)
+            "volume_names": names}
+
+
+def _split_targets(folder: Path, split: str, size: int, channels: Sequence[str | int]) -> dict[str, Any]:
+    """The targets of one split of the dataset, as :class:`VolumeDataset` serves its images."""
     ds = VolumeDataset(folder, split, keys=("image",), channels=list(channels), size=size)
     items = [ds[i] for i in range(len(ds))]
-    for key in ("age", "site", "has_lesion", "csf_ml", "gm_ml", "wm_ml"):
-        if key not in items[0]:
-            raise ValueError(f"{folder}: cases have no attribute {key!r}; the yardstick encoder needs the brain "
-                             "phantoms' age, site, has_lesion, csf_ml, gm_ml, wm_ml")
-    return {"image": torch.stack([it["image"] for it in items]),                           # (N, C, D, H, W)
-            "age": torch.stack([it["age"].float() for it in items]),                       # (N,)
-            "site": torch.stack([it["site"].long() for it in items]),                      # (N,)
-            "lesion": torch.stack([it["has_lesion"].float() for it in items]),             # (N,)
-            "volumes": torch.stack([torch.stack([it[k].float() for k in ("csf_ml", "gm_ml", "wm_ml")])
-                                    for it in items])}                                     # (N, 3)
+    attrs = [{k: v.item() for k, v in it.items() if isinstance(v, torch.Tensor) and v.numel() == 1} for it in items]
+    return _targets(torch.stack([it["image"] for it in items]), attrs, str(folder))
+
+
+def cohort_seeds(folder: str | Path, which: str, n: int) -> list[int]:
+    """The subject seeds of the first ``n`` brains of the encoder's training cohort (``which="cohort"``)
+    or of its check cohort (``"check"``): subjects ``first + i`` of the dataset's seed (see :data:`RECIPE`).
+
+    The dataset itself holds subjects 0 .. N - 1 (:func:`~gen3d_lessons.data.subject_seed`), so
+    indices from a million on are brains the dataset does not hold. With these seeds the phantom
+    can make the same subjects again, e.g. at another age or site.
+    """
+    from ..data import subject_seed
+
+    if which not in ("cohort", "check"):
+        raise ValueError(f"which: expected 'cohort' or 'check', got {which!r}")
+    path = Path(folder) / "dataset.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; expected a brain dataset folder")
+    seed = int(json.loads(path.read_text()).get("seed", 0))
+    return [subject_seed(seed, RECIPE[f"{which}_first"] + i) for i in range(int(n))]
+
+
+def _cohort(folder: Path, which: str, n: int, size: int, channels: Sequence[str | int]) -> dict[str, Any]:
+    """``n`` new brains of the dataset's population (its generator config), never in the dataset."""
+    from ..data.brain import BRAIN_CHANNELS, brain_config_of, brain_cohort
+
+    index = [BRAIN_CHANNELS.index(c) if isinstance(c, str) else int(c) for c in channels]
+    images, attrs = brain_cohort(brain_config_of(folder), cohort_seeds(folder, which, n), channels=tuple(index),
+                                 size=size, desc=f"{which} cohort")
+    return _targets(images, attrs, f"{folder} (generated {which} cohort)")
 
 
 # How the encoder is trained beyond the settings a caller may change. Part of the cache key, so
-# that a change here retrains it. Without augmentation and weight decay the encoder memorises the
-# ~50 training brains: held-out brains then land as far from the training set in feature space
-# as the mean-plus-noise baseline does, and the yardstick cannot tell a real brain from noise.
-RECIPE = {"augment": {"flip_lr": 0.5, "shift_voxels": 2, "gain": 0.1}, "weight_decay": 0.05, "optimizer": "AdamW"}
-ENCODER_STEPS = 1500          # the default step cap: the number that ends training, on any machine
+# that a change here retrains it. The encoder learns from a cohort of new brains drawn from the
+# dataset's own generator (hundreds, where the dataset's training split has ~50): with ~50 brains
+# it memorises them, and with a few hundred it learns to read age and volumes on brains it never
+# saw. Augmentation and weight decay still help; the check cohort, drawn the same way, measures it.
+RECIPE = {"augment": {"flip_lr": 0.5, "shift_voxels": 2, "gain": 0.1}, "weight_decay": 0.05, "optimizer": "AdamW",
+          "schedule": {"one_cycle_warmup": 0.1}, "cohort_first": 1_000_000, "check_first": 2_000_000}
+ENCODER_STEPS = 5000          # the default step cap: the number that ends training, on any machine
+ENCODER_CONFIG = dict(channels=(16, 32, 64), feature_dim=64, pool="mean+max")   # the default EncoderConfig
 
 
 @dataclass
@@ -125,19 +171,22 @@ class YardstickEncoder:
     """A trained, frozen :class:`Encoder3D` with what it was trained on and how well it did.
 
     ``features(volumes) -> (N, F)`` NumPy array is all the metrics need. ``heldout`` holds the
-    sanity check on the test split (age MAE, site and lesion accuracy, each beside the trivial
-    predictor's); ``cached`` says whether it was loaded from ``path`` rather than trained now.
+    sanity check on the dataset's test split (age MAE and R², site and lesion accuracy, each
+    beside the trivial predictor's, lesion AUC, volumes R²); ``check``, the same on the check
+    cohort of new brains (empty when the encoder learned from the training split only);
+    ``cached`` says whether it was loaded from ``path`` rather than trained now.
     """
 
     model: Encoder3D
     config: EncoderConfig
     data: dict[str, Any]                  # data_version(...)
     targets: dict[str, Any]               # means and stds that standardised age and volumes
-    training: dict[str, Any]              # steps, seconds, stopped_by, max_steps, batch_size, lr, seed
+    training: dict[str, Any]              # steps, seconds, stopped_by, max_steps, batch_size, lr, seed, cohort
     heldout: dict[str, float]
     path: Path
     cached: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    check: dict[str, float] = field(default_factory=dict)
 
     @torch.no_grad()
     def features(self, volumes: Any, batch_size: int = 16) -> np.ndarray:
@@ -149,22 +198,39 @@ class YardstickEncoder:
         return torch.cat(out).double().numpy()
 
     @torch.no_grad()
-    def predict(self, volumes: Any) -> dict[str, np.ndarray]:
-        """The heads' predictions in natural units: age (years), site, lesion probability, volumes (ml)."""
+    def predict(self, volumes: Any, batch_size: int = 32) -> dict[str, np.ndarray]:
+        """The heads' predictions in natural units: age (years), site, lesion probability, volumes
+        (N, V) in ml (the columns named by ``targets["volume_names"]``)."""
         s = self.config.size
-        x = as_volumes(volumes, "volumes", shape=(None, self.config.in_channels, s, s, s)).to(self.device)
+        x = as_volumes(volumes, "volumes", shape=(None, self.config.in_channels, s, s, s))
         self.model.eval()
-        out = self.model(x)
+        parts = [self.model(x[i:i + batch_size].to(self.device)) for i in range(0, len(x), batch_size)]
+        out = {k: torch.cat([p[k] for p in parts]).cpu() for k in parts[0]}
         t = self.targets
-        return {"age": (out["age"].cpu().numpy() * t["age_std"] + t["age_mean"]),
-                "site": out["site"].argmax(1).cpu().numpy(),
-                "lesion": torch.sigmoid(out["lesion"]).cpu().numpy(),
-                "volumes": out["volumes"].cpu().numpy() * np.array(t["vol_std"]) + np.array(t["vol_mean"])}
+        return {"age": (out["age"].numpy() * t["age_std"] + t["age_mean"]),
+                "site": out["site"].argmax(1).numpy(),
+                "lesion": torch.sigmoid(out["lesion"]).numpy(),
+                "volumes": out["volumes"].numpy() * np.array(t["vol_std"]) + np.array(t["vol_mean"])}
+
+    def check_cohort(self) -> tuple[torch.Tensor, Any]:
+        """The check cohort's volumes (N, C, size³) and attribute table: new brains of the dataset's
+        population that neither the encoder nor any generator saw (saved beside the encoder)."""
+        import pandas as pd
+
+        file = _check_path(self.path)
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no check cohort beside this encoder (it learned from the training "
+                                    "split only, or the file was removed; delete the encoder to retrain)")
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+        return saved["image"], pd.DataFrame(saved["attributes"])
 
 
-def _heldout_report(enc: YardstickEncoder, train: Mapping[str, torch.Tensor],
-                    test: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """How well the heads predict the test split, beside the trivial predictor from the training split."""
+def _check_path(path: Path) -> Path:
+    return path.with_name(path.stem + "_check.pt")
+
+
+def _heldout_report(enc: YardstickEncoder, train: Mapping[str, Any], test: Mapping[str, Any]) -> dict[str, float]:
+    """How well the heads predict held-out brains, beside the trivial predictor from the training data."""
     from sklearn.metrics import roc_auc_score
 
     p = enc.predict(test["image"])
@@ -174,20 +240,24 @@ def _heldout_report(enc: YardstickEncoder, train: Mapping[str, torch.Tensor],
     majority_site = np.bincount(train["site"].numpy()).argmax()
     majority_lesion = float(train["lesion"].numpy().mean() >= 0.5)
     both = 0 < lesion.sum() < len(lesion)
-    return {"n_test": float(len(age)),
-            "age_mae": float(np.abs(p["age"] - age).mean()),
-            "age_mae_baseline": float(np.abs(train_age.mean() - age).mean()),   # predict the training mean
-            "age_r2": r2(age, p["age"]),
-            "site_acc": float((p["site"] == site).mean()),
-            "site_acc_baseline": float((site == majority_site).mean()),         # predict the commonest site
-            "lesion_acc": float(((p["lesion"] >= 0.5) == (lesion >= 0.5)).mean()),
-            "lesion_acc_baseline": float((lesion == majority_lesion).mean()),
-            "lesion_auc": float(roc_auc_score(lesion, p["lesion"])) if both else math.nan,
-            "volumes_r2": float(np.mean([r2(vols[:, k], p["volumes"][:, k]) for k in range(3)]))}
+    shared = [k for k in test["volume_names"] if k in train["volume_names"]]
+    out = {"n_test": float(len(age)),
+           "age_mae": float(np.abs(p["age"] - age).mean()),
+           "age_mae_baseline": float(np.abs(train_age.mean() - age).mean()),   # predict the training mean
+           "age_r2": r2(age, p["age"]),
+           "site_acc": float((p["site"] == site).mean()),
+           "site_acc_baseline": float((site == majority_site).mean()),         # predict the commonest site
+           "lesion_acc": float(((p["lesion"] >= 0.5) == (lesion >= 0.5)).mean()),
+           "lesion_acc_baseline": float((lesion == majority_lesion).mean()),
+           "lesion_auc": float(roc_auc_score(lesion, p["lesion"])) if both else math.nan,
+           **{f"{k}_r2": r2(vols[:, test["volume_names"].index(k)], p["volumes"][:, train["volume_names"].index(k)])
+              for k in shared}}
+    out["volumes_r2"] = float(np.mean([out[f"{k}_r2"] for k in ("csf_ml", "gm_ml", "wm_ml")]))   # the tissues
+    return out
 
 
-def _standardise(raw: Mapping[str, torch.Tensor], t: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    out = dict(raw)
+def _standardise(raw: Mapping[str, Any], t: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    out = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
     out["age"] = (raw["age"] - t["age_mean"]) / t["age_std"]
     out["volumes"] = (raw["volumes"] - torch.tensor(t["vol_mean"])) / torch.tensor(t["vol_std"])
     return out
@@ -196,31 +266,43 @@ def _standardise(raw: Mapping[str, torch.Tensor], t: Mapping[str, Any]) -> dict[
 def load_or_train_encoder(dataset_folder: str | Path, size: int = 32, channels: Sequence[str | int] = ("T1",),
                           budget_s: float | None = 900.0, max_steps: int = ENCODER_STEPS,
                           device: torch.device | str = "cpu",
-                          config: EncoderConfig | None = None, batch_size: int = 8, lr: float = 2e-3,
-                          seed: int = 0, cache_dir: str | Path | None = None) -> YardstickEncoder:
+                          config: EncoderConfig | None = None, batch_size: int = 16, lr: float = 2e-3,
+                          seed: int = 0, cache_dir: str | Path | None = None, cohort: int = 600,
+                          check: int = 160) -> YardstickEncoder:
     """The frozen yardstick encoder for a dataset: loaded from the cache if it matches, else trained.
+
+    It learns from ``cohort`` new brains drawn from the dataset's generator (``cohort=0``: from
+    the dataset's training split), and is checked on ``check`` more new brains (the check
+    cohort, saved beside it) and on the dataset's test split.
 
     The cache file is ``<cache_dir>/yardstick_<hash>.pt`` (default ``data/models/``), where the
     hash covers the data version (:func:`data_version`: dataset folder name, manifest hash, size,
     channels), the encoder config, the training settings (``max_steps``, ``batch_size``, ``lr``,
-    ``seed``) and the :data:`RECIPE` — but not ``budget_s``, which is only a fuse (training
-    that has not reached ``max_steps`` by then fails loudly). Training is seeded and ends at
-    ``max_steps``, so every chapter gets the same encoder (and every machine the same one up to
-    floating-point rounding, which thread counts change). Training uses the dataset's ``train`` split; the sanity
-    numbers in ``heldout`` use its ``test`` split.
+    ``seed``, ``cohort``, ``check``) and the :data:`RECIPE` — but not ``budget_s``, which is only
+    a fuse (training that has not reached ``max_steps`` by then fails loudly). Training is seeded
+    and ends at ``max_steps``, so every chapter gets the same encoder (and every machine the same
+    one up to floating-point rounding, which thread counts change). A dry run
+    (``GEN3D_MAX_STEPS``) caps the cohorts as it caps the steps, at no fewer than ``batch_size``.
     """
     folder = Path(dataset_folder)
     device = torch.device(device)
     index = read_dataset(folder)
     if config is None:
         n_sites = int(index.attributes_table()["site"].max()) + 1 if len(index) else 1
-        config = EncoderConfig(in_channels=len(channels), size=size, n_sites=n_sites)
+        n_volumes = len(VOLUMES) if cohort else sum(k in index.attributes_table() for k in VOLUMES)
+        config = EncoderConfig(in_channels=len(channels), size=size, n_sites=n_sites, n_volumes=n_volumes,
+                               **ENCODER_CONFIG)
     if config.in_channels != len(channels) or config.size != size:
         raise ValueError(f"config: in_channels={config.in_channels}, size={config.size} do not match "
                          f"channels={tuple(channels)} and size={size}")
+    if not (isinstance(cohort, int) and isinstance(check, int) and cohort >= 0 and check >= 0 and (check or not cohort)):
+        raise ValueError(f"cohort, check: expected numbers of new brains >= 0 (check > 0 with a cohort), "
+                         f"got {cohort!r}, {check!r}")
     version = data_version(folder, size, channels)
     # a dry run (GEN3D_MAX_STEPS) trains, and caches, an encoder of its own
-    settings = {"max_steps": step_cap(max_steps), "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed)}
+    capped = lambda n: n and max(step_cap(n), int(batch_size))                          # noqa: E731
+    settings = {"max_steps": step_cap(max_steps), "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed),
+                "cohort": capped(cohort), "check": capped(check)}
     key = json.dumps({"data": version, "encoder": asdict(config), "training": settings, "recipe": RECIPE},
                      sort_keys=True)
     path = Path(cache_dir) if cache_dir is not None else data_root() / "models"
@@ -247,7 +329,8 @@ def _load_encoder(path: Path, version: Mapping[str, Any], settings: Mapping[str,
     if saved.get("data") != version or any(saved["training"].get(k) != v for k, v in settings.items()):
         raise ValueError(f"{path}: was trained on {saved.get('data')}, not {version}; delete it to retrain")
     enc = YardstickEncoder(model.requires_grad_(False), EncoderConfig(**saved["encoder"]), dict(version),
-                           saved["targets"], saved["training"], saved["heldout"], path, True, device)
+                           saved["targets"], saved["training"], saved["heldout"], path, True, device,
+                           saved.get("check", {}))
     print(f"yardstick encoder: loaded {path.name} ({enc.training['steps']} steps on {version['dataset']})")
     return enc
 
@@ -255,33 +338,69 @@ def _load_encoder(path: Path, version: Mapping[str, Any], settings: Mapping[str,
 def _train_encoder(folder: Path, path: Path, version: Mapping[str, Any], settings: Mapping[str, Any],
                    config: EncoderConfig, channels: Sequence[str | int], budget_s: float | None,
                    device: torch.device) -> YardstickEncoder:
-    """A cache miss: train with fit, then freeze, check on the test split and save."""
+    """A cache miss: make the cohorts, train with fit, then freeze, check, save."""
     size, max_steps, batch_size, lr, seed = (config.size, settings["max_steps"], settings["batch_size"],
                                              settings["lr"], settings["seed"])
-    # 1. the data: both splits, targets standardised with the training split's statistics
-    train_raw, test_raw = (_targets(folder, s, size, channels) for s in ("train", "test"))
+    t0 = time.perf_counter()
+    # 1. the data: a generated cohort (or the training split); targets standardised with its statistics
+    if settings["cohort"]:
+        train_raw = _cohort(folder, "cohort", settings["cohort"], size, channels)
+        check_raw = _cohort(folder, "check", settings["check"], size, channels)
+    else:
+        train_raw, check_raw = _split_targets(folder, "train", size, channels), None
+    test_raw = _split_targets(folder, "test", size, channels)
+    if config.n_volumes != len(train_raw["volume_names"]):
+        raise ValueError(f"config: n_volumes={config.n_volumes}, but the training brains carry "
+                         f"{train_raw['volume_names']}")
+    made_s = time.perf_counter() - t0
     # 2. train
     ages, vols = train_raw["age"], train_raw["volumes"]
     targets = {"age_mean": float(ages.mean()), "age_std": float(ages.std().clamp_min(1e-6)),
-               "vol_mean": vols.mean(0).tolist(), "vol_std": vols.std(0).clamp_min(1e-6).tolist()}
+               "vol_mean": vols.mean(0).tolist(), "vol_std": vols.std(0).clamp_min(1e-6).tolist(),
+               "volume_names": train_raw["volume_names"]}
     torch.manual_seed(seed)
     model = Encoder3D(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=RECIPE["weight_decay"])
+    # the learning rate climbs to lr over the first 10 % of the steps, then anneals to ~0 (a run of
+    # a few steps, a smoke test or a dry run, warms up for at least 1.5 steps: both phases need a length)
+    warm = max(RECIPE["schedule"]["one_cycle_warmup"], 1.5 / max(max_steps, 1))
+    scheduler = (torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max_steps, pct_start=warm)
+                 if max_steps >= 2 else None)
     augment = RECIPE["augment"]
     loader = Batches(_standardise(train_raw, targets), batch_size, seed, augment=("image",),
                      flip_p=augment["flip_lr"], shift=augment["shift_voxels"], gain=augment["gain"])
-    t0 = time.perf_counter()
-    history = fit(partial(encoder_step, model=model, optimizer=optimizer), loader, max_steps=max_steps,
-                  budget_s=budget_s, desc="yardstick encoder")
-    training = {**settings, "steps": history.steps, "seconds": round(time.perf_counter() - t0, 2),
-                "stopped_by": history.stopped_by, "final_loss": history.mean_last("loss", 20)}
-    # 3. freeze, check on the test split, save
+    t1 = time.perf_counter()
+    history = fit(partial(encoder_step, model=model, optimizer=optimizer, scheduler=scheduler), loader,
+                  max_steps=max_steps, budget_s=budget_s, desc="yardstick encoder")
+    training = {**settings, "steps": history.steps, "seconds": round(time.perf_counter() - t1, 2),
+                "cohort_seconds": round(made_s, 2), "stopped_by": history.stopped_by,
+                "final_loss": history.mean_last("loss", 20)}
+    # 3. freeze, check on the held-out brains, save (the check cohort beside the model)
     model.eval().requires_grad_(False)
     enc = YardstickEncoder(model, config, dict(version), targets, training, {}, path, False, device)
     enc.heldout = _heldout_report(enc, train_raw, test_raw)
+    if check_raw is not None:
+        enc.check = _heldout_report(enc, train_raw, check_raw)
+        names = check_raw["volume_names"]
+        attributes = {"age": check_raw["age"].tolist(), "site": check_raw["site"].tolist(),
+                      "has_lesion": check_raw["lesion"].bool().tolist(),
+                      **{k: check_raw["volumes"][:, j].tolist() for j, k in enumerate(names)}}
+        torch.save({"image": check_raw["image"].contiguous(), "attributes": attributes}, _check_path(path))
     save_model(path, model, {"encoder": asdict(config), "data": version, "targets": targets,
-                             "training": training, "heldout": enc.heldout})
+                             "training": training, "heldout": enc.heldout, "check": enc.check})
     return enc
+
+
+def random_encoder(encoder: YardstickEncoder, seed: int = 1) -> YardstickEncoder:
+    """The control: an encoder of the same shape with the random weights it had before training.
+
+    Seeded (``torch.manual_seed(seed)``) and frozen; it never saw a brain. FD in its features
+    shows what training the yardstick adds.
+    """
+    torch.manual_seed(seed)
+    model = Encoder3D(encoder.config).to(encoder.device).eval().requires_grad_(False)
+    return YardstickEncoder(model, encoder.config, dict(encoder.data), dict(encoder.targets),
+                            {"steps": 0, "seed": int(seed)}, {}, encoder.path, False, encoder.device)
 
 
 # 2. One entry point, and the reference rows --------------------------------------------------
@@ -452,18 +571,26 @@ def load_splits(folder: str | Path, size: int = 32, seed: int = 0, n_val: int | 
     return Splits(train, val, heldout, train_attrs, val_attrs)
 
 
+HEADS = {"age MAE (years)": "age_mae", "age R²": "age_r2", "site accuracy": "site_acc",
+         "lesion accuracy": "lesion_acc", "lesion AUC": "lesion_auc", "tissue volumes R²": "volumes_r2",
+         "ventricle volume R²": "ventricle_ml_r2", "lesion volume R²": "lesion_ml_r2"}
+
+
 def heads_table(encoder: YardstickEncoder):
-    """How well the encoder's heads predict held-out brains (``encoder.heldout``), beside the
-    trivial guess from the training split (the mean age, the commonest site, the commoner lesion
-    status), as a pandas DataFrame with one row per measure. The encoder need not be an expert:
-    it only has to place real brains together and everything else elsewhere."""
+    """How well the encoder's heads predict brains it never saw, as a pandas DataFrame with one
+    row per measure: on the dataset's test split (``encoder.heldout``), on the check cohort of
+    new brains when there is one (``encoder.check``, many more brains, so steadier numbers), and
+    the trivial guess from the training data (the mean age, the commonest site, the commoner
+    lesion status) on the test split."""
     import pandas as pd
 
     h = encoder.heldout
-    measures = {"age MAE (years)": "age_mae", "site accuracy": "site_acc", "lesion accuracy": "lesion_acc",
-                "age R²": "age_r2", "lesion AUC": "lesion_auc", "tissue volumes R²": "volumes_r2"}
-    return pd.DataFrame({"encoder": {m: h[k] for m, k in measures.items()},
-                         "trivial guess": {m: h.get(f"{k}_baseline", math.nan) for m, k in measures.items()}})
+    columns = {f"test split (n={int(h['n_test'])})": h}
+    if encoder.check:
+        columns[f"check cohort (n={int(encoder.check['n_test'])})"] = encoder.check
+    out = {name: {m: col.get(k, math.nan) for m, k in HEADS.items()} for name, col in columns.items()}
+    out["trivial guess"] = {m: h.get(f"{k}_baseline", math.nan) for m, k in HEADS.items()}
+    return pd.DataFrame(out)
 
 
 def fd_to(encoder: YardstickEncoder, reference: Any, volumes: Mapping[str, Any]) -> dict[str, float]:

@@ -14,7 +14,7 @@ standardised, ``"site"`` (B,) int64 and ``"lesion"`` (B,) in {0, 1}.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +24,13 @@ __all__ = ["encoder_step"]
 
 
 def encoder_step(batch: Mapping[str, torch.Tensor], i: int, *, model: nn.Module,
-                 optimizer: torch.optim.Optimizer) -> dict[str, float]:
+                 optimizer: torch.optim.Optimizer, scheduler: Any = None) -> dict[str, float]:
     """One multi-task step: age, volumes (MSE on standardised values), site (CE), lesion (BCE).
 
     ``model`` maps images to the dict of heads ``{"age", "site", "lesion", "volumes"}`` (an
     :class:`~gen3d_lessons.models.encoder.Encoder3D`). The four losses are summed with weight 1:
     with standardised regression targets each starts near 1, like the classification losses.
+    ``scheduler``, if given, takes one step after each update.
     """
     device = next(model.parameters()).device
     # 1. data
@@ -47,4 +48,6 @@ def encoder_step(batch: Mapping[str, torch.Tensor], i: int, *, model: nn.Module,
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
     return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}

@@ -16,7 +16,8 @@ scores, each to be *minimised*:
 
 A condition ``c`` (survey Eq. 2) goes to both networks: ``D(x, c)``, ``G(z, c)``.
 
-:func:`gan_step` trains Eq. 1, 2 and 5; :func:`pix2pix_step` Eq. 3; :func:`cyclegan_step` Eq. 4.
+:func:`gan_step` trains Eq. 1, 2 and 5; :func:`pix2pix_step` Eq. 3; :func:`cyclegan_step` Eq. 4;
+:func:`alpha_gan_step` the 3D-α-WGAN-GP of chapter 7 (an autoencoder, a GAN and a code critic).
 Each owns its two optimizers and returns what it measured; bind the networks and optimizers with
 :func:`functools.partial` and hand it to :func:`~gen3d_lessons.training.fit`::
 
@@ -49,8 +50,8 @@ from .batch import batch_tensor
 from .ema import ema_update
 from .fit import History, fit
 
-__all__ = ["LOSSES", "ADAM", "gan_step", "pix2pix_step", "cyclegan_step", "gan_batches", "train_gan",
-           "probe_summary", "train_pix2pix", "train_cyclegan"]
+__all__ = ["LOSSES", "ADAM", "gan_step", "alpha_gan_step", "pix2pix_step", "cyclegan_step", "gan_batches", "train_gan",
+           "train_alpha_gan", "probe_summary", "train_pix2pix", "train_cyclegan"]
 
 LOSSES = ("ns", "wgan-gp")          # the losses gan_step trains (see gen3d_lessons.losses)
 
@@ -110,6 +111,52 @@ def gan_step(batch: Mapping[str, Any], i: int, *, generator: nn.Module, discrimi
         if ema is not None:
             ema_update(ema, G, min(ema_decay, (i + 1) / (i + 1 + ema_warmup)))
     return out
+
+
+def alpha_gan_step(batch: Mapping[str, Any], i: int, *, generator: nn.Module, encoder: nn.Module,
+                   critic: nn.Module, code_critic: nn.Module, opt_g: torch.optim.Optimizer, opt_e: torch.optim.Optimizer,
+                   opt_d: torch.optim.Optimizer, opt_c: torch.optim.Optimizer, gp_weight: float = 10.0,
+                   rec_weight: float = 10.0, ema: nn.Module | None = None, ema_decay: float = 0.999,
+                   ema_warmup: float = 3.0) -> dict[str, float]:
+    """One step of 3D-α-WGAN-GP (Kwon et al. 2019; :mod:`gen3d_lessons.models.alphagan`).
+
+    With ``x`` the real volumes, ``z ~ N(0, I)``, ``z_e = E(x)``, ``x_rec = G(z_e)`` and ``x_rand = G(z)``:
+
+    1. the critic ``D`` minimises ``E[D(x_rec)] + E[D(x_rand)] − 2 E[D(x)]`` plus λ times the gradient
+       penalty between ``x`` and each kind of fake, and the code critic ``C`` minimises
+       ``E[C(z_e)] − E[C(z)]`` plus λ times its penalty between ``z`` and ``z_e`` (WGAN-GP, both);
+    2. the generator and the encoder together minimise
+       ``−E[D(x_rec)] − E[D(x_rand)] − E[C(z_e)] + rec_weight · |x − x_rec|₁``.
+
+    ``ema``, if given, follows the generator as in :func:`gan_step`.
+    """
+    G, E, D, C = generator, encoder, critic, code_critic
+    device = next(G.parameters()).device
+    # 1. data, codes and both kinds of fake
+    x = batch_tensor(batch, "image", device)                                                 # (B, C, D, H, W)
+    z = torch.randn(x.shape[0], G.cfg.z_dim, device=device)                                  # (B, Z)
+    for net in (G, E, D, C):
+        net.train()
+    z_e = E(x)                                                                               # (B, Z)
+    x_rec, x_rand = G(z_e), G(z)
+    # 2. the two critics, on detached fakes
+    d_loss = (D(x_rec.detach()).mean() + D(x_rand.detach()).mean() - 2 * D(x).mean()
+              + gp_weight * (gradient_penalty(D, x, x_rec) + gradient_penalty(D, x, x_rand)))
+    c_loss = C(z_e.detach()).mean() - C(z).mean() + gp_weight * gradient_penalty(C, z, z_e)
+    opt_d.zero_grad(set_to_none=True), opt_c.zero_grad(set_to_none=True)
+    (d_loss + c_loss).backward()
+    opt_d.step(), opt_c.step()
+    # 3. generator and encoder, against the updated critics
+    rec = l1_loss(x, x_rec)
+    g_adv = -D(x_rec).mean() - D(x_rand).mean()
+    e_adv = -C(z_e).mean()
+    opt_g.zero_grad(set_to_none=True), opt_e.zero_grad(set_to_none=True)
+    (g_adv + e_adv + rec_weight * rec).backward()
+    opt_g.step(), opt_e.step()
+    if ema is not None:
+        ema_update(ema, G, min(ema_decay, (i + 1) / (i + 1 + ema_warmup)))
+    return {"d_loss": d_loss.item(), "c_loss": c_loss.item(), "rec": rec.item(), "g_adv": g_adv.item(),
+            "e_adv": e_adv.item()}
 
 
 def pix2pix_step(batch: Mapping[str, Any], i: int, *, generator: nn.Module, discriminator: nn.Module,
@@ -212,7 +259,17 @@ def train_gan(G: nn.Module, D: nn.Module, batches: Any, *, loss: str, max_steps:
     if keep_best is not None and probe is None:
         raise ValueError("keep_best: needs a probe that measures what to select by")
     ema = copy.deepcopy(G).requires_grad_(False) if ema_decay is not None else None
-    final = ema if ema is not None else G
+    gan = partial(gan_step, generator=G, discriminator=D, opt_g=opt_g, opt_d=opt_d, loss=loss, gp_weight=gp_weight,
+                  n_critic=n_critic, ema=ema, ema_decay=ema_decay or 0.0, ema_warmup=ema_warmup)
+    return _probed_fit(gan, batches, ema if ema is not None else G, probe=probe, probe_every=probe_every,
+                       keep_best=keep_best, max_steps=max_steps, budget_s=budget_s, desc=desc)
+
+
+def _probed_fit(train_step: Callable[[Mapping[str, Any], int], dict[str, float]], batches: Any, final: nn.Module, *,
+                probe: Callable[[nn.Module], Mapping[str, float]] | None, probe_every: int, keep_best: str | None,
+                max_steps: int, budget_s: float | None, desc: str) -> tuple[nn.Module, History]:
+    """:func:`fit` over ``train_step``, probing the generator ``final`` every ``probe_every`` steps
+    (and at the last one) and, with ``keep_best``, returning it as it was at its best probe."""
     best: dict[str, Any] = {"value": float("inf"), "state": None, "step": None}
 
     def measure(i: int) -> dict[str, float]:
@@ -221,11 +278,8 @@ def train_gan(G: nn.Module, D: nn.Module, batches: Any, *, loss: str, max_steps:
             best.update(value=out[keep_best], state=copy.deepcopy(final.state_dict()), step=i + 1)
         return out
 
-    gan = partial(gan_step, generator=G, discriminator=D, opt_g=opt_g, opt_d=opt_d, loss=loss, gp_weight=gp_weight,
-                  n_critic=n_critic, ema=ema, ema_decay=ema_decay or 0.0, ema_warmup=ema_warmup)
-
     def step(batch: Mapping[str, Any], i: int) -> dict[str, float]:
-        out = gan(batch, i)
+        out = train_step(batch, i)
         if probe is not None and ((i + 1) % probe_every == 0 or i + 1 == max_steps):
             out.update(measure(i))           # the probe joins this step's record
         return out
@@ -256,6 +310,26 @@ def probe_summary(history: History, key: str = "fd") -> dict[str, float]:
 
 
 # 3. pix2pix and CycleGAN runs ------------------------------------------------------------------
+
+def train_alpha_gan(G: nn.Module, E: nn.Module, D: nn.Module, C: nn.Module, batches: Any, *, max_steps: int,
+                    budget_s: float | None = None, lr: float = 2e-4, betas: tuple[float, float] = (0.5, 0.9),
+                    gp_weight: float = 10.0, rec_weight: float = 10.0, ema_decay: float | None = 0.999,
+                    probe: Callable[[nn.Module], Mapping[str, float]] | None = None, probe_every: int = 50,
+                    keep_best: str | None = None, desc: str = "alpha-WGAN-GP") -> tuple[nn.Module, History]:
+    """Adam for each of the four networks, an EMA copy of ``G``, and :func:`fit` over
+    :func:`alpha_gan_step`; the probe and ``keep_best`` work as in :func:`train_gan`. Returns the
+    generator to sample from and the history."""
+    max_steps = step_cap(max_steps)
+    if keep_best is not None and probe is None:
+        raise ValueError("keep_best: needs a probe that measures what to select by")
+    opts = {k: torch.optim.Adam(net.parameters(), lr=lr, betas=betas) for k, net in
+            (("opt_g", G), ("opt_e", E), ("opt_d", D), ("opt_c", C))}
+    ema = copy.deepcopy(G).requires_grad_(False) if ema_decay is not None else None
+    step = partial(alpha_gan_step, generator=G, encoder=E, critic=D, code_critic=C, gp_weight=gp_weight,
+                   rec_weight=rec_weight, ema=ema, ema_decay=ema_decay or 0.0, **opts)
+    return _probed_fit(step, batches, ema if ema is not None else G, probe=probe, probe_every=probe_every,
+                       keep_best=keep_best, max_steps=max_steps, budget_s=budget_s, desc=desc)
+
 
 def train_pix2pix(G: nn.Module, D: nn.Module, batches: Any, *, max_steps: int, lr: float = 2e-3,
                   betas: tuple[float, float] = (0.5, 0.999), l1_weight: float = 100.0, budget_s: float | None = None,
