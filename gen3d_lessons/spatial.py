@@ -131,6 +131,26 @@ def folding_fraction(displacement: torch.Tensor) -> torch.Tensor:
     """The share of voxels where the map folds (det J <= 0), per volume: (B,) in [0, 1]."""
     return (jacobian_determinant(displacement) <= 0).flatten(1).float().mean(dim=1)
 
+def deformation_summary(displacement: torch.Tensor, spacing_mm: float, mask: torch.Tensor | None = None) -> dict[str, float]:
+    """How large and how uneven a set of deformations is, over the voxels of ``mask`` (*S) if given.
+
+    ``displacement`` (B, 3, *S) in voxels of ``spacing_mm``. Returns ``median_mm`` and ``p95_mm``
+    of the displacement length, ``log_jac_std``, the spread of ``log det J`` (how much the maps
+    stretch and squeeze, 0 for a rigid shift), and ``folding``, the share of voxels with det J <= 0;
+    all pooled over the B fields. Two sets of fields on different grids compare through these.
+    """
+    _check_field(displacement)
+    if not spacing_mm > 0:
+        raise ValueError(f"spacing_mm: expected a positive voxel size, got {spacing_mm!r}")
+    inside = torch.ones(displacement.shape[2:], dtype=torch.bool) if mask is None else mask.bool().cpu()
+    if tuple(inside.shape) != tuple(displacement.shape[2:]):
+        raise ValueError(f"mask: expected shape {tuple(displacement.shape[2:])}, got {tuple(inside.shape)}")
+    length = displacement.norm(dim=1).cpu()[:, inside] * spacing_mm                 # (B, M) mm
+    det = jacobian_determinant(displacement).cpu()[:, inside]                         # (B, M)
+    return {"median_mm": float(length.median()), "p95_mm": float(torch.quantile(length.flatten(), 0.95)),
+            "log_jac_std": float(det.clamp_min(1e-6).log().std()), "folding": float((det <= 0).float().mean())}
+
+
 # ----------------------------------------------------------------------------------------------
 # Smoothing and random fields
 # ----------------------------------------------------------------------------------------------

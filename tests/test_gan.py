@@ -20,6 +20,7 @@ from gen3d_lessons.losses import (bce_discriminator_loss, bce_generator_loss, cy
                                   discriminator_loss, generator_loss, l1_loss)
 from gen3d_lessons.training.ema import ema_of, ema_update
 from gen3d_lessons.training.gan import cyclegan_step, gan_step, pix2pix_step, train_gan
+from gen3d_lessons import spatial
 
 S = 16  # edge of the test volumes
 
@@ -546,3 +547,72 @@ def test_stylegan_template_starts_at_the_mean_volume():
     torch.testing.assert_close(x[0], mean, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="template=False"):
         StyleGenerator3D(StyleGANConfig(size=S, channels=(8, 4, 4))).set_template(mean)
+
+
+def test_mapping_network_keeps_the_spread_of_the_codes():
+    from gen3d_lessons.models.stylegan import MappingNetwork
+    w = MappingNetwork(32, 32, layers=4)(torch.randn(512, 32))
+    assert w.std(0).mean() > 0.3                       # different codes, different styles
+    g = StyleGenerator3D(StyleGANConfig(size=S, channels=(8, 4, 4)))
+    with torch.no_grad():
+        x = g(torch.randn(4, g.cfg.z_dim))
+    assert (x - x.mean(0)).abs().mean() > 1e-3         # and different volumes
+
+
+# Shape + Texture (chapter 7) -------------------------------------------------------------------
+
+from gen3d_lessons.models.shapetexture import ShapeTextureConfig, ShapeTextureGenerator3D   # noqa: E402
+
+
+def test_shape_texture_starts_as_the_warped_template_and_is_diffeomorphic():
+    mean = torch.rand(1, S, S, S) * 0.5 + 0.25
+    g = ShapeTextureGenerator3D(ShapeTextureConfig(size=S, flow_grid=8, z_shape=4, z_texture=4)).set_template(mean)
+    z = torch.randn(3, g.cfg.z_dim)
+    with torch.no_grad():
+        x, u = g(z), g.deformation(z)
+        warped = torch.sigmoid(spatial.warp(g.template.expand(3, 1, S, S, S), u, padding_mode="border"))
+    assert x.shape == (3, 1, S, S, S) and u.shape == (3, 3, S, S, S)
+    assert u.abs().max() <= g.cfg.max_velocity * 2 and (spatial.jacobian_determinant(u) > 0).all()
+    torch.testing.assert_close(x, warped, atol=1e-5, rtol=0)             # the texture starts silent
+    torch.testing.assert_close(g.template.sigmoid()[0], mean, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="z: expected"):
+        g(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="flow_grid"):
+        ShapeTextureConfig(size=16, flow_grid=6)
+    with pytest.raises(ValueError, match="init_velocity"):
+        ShapeTextureConfig(init_velocity=5.0)
+    big = ShapeTextureGenerator3D(ShapeTextureConfig(size=S, flow_grid=8, init_velocity=2.0, max_velocity=8.0))
+    small = ShapeTextureGenerator3D(ShapeTextureConfig(size=S, flow_grid=8, init_velocity=0.5))
+    z = torch.randn(8, big.cfg.z_dim)
+    with torch.no_grad():                                    # a new generator already deforms, by about init_velocity
+        assert big.deformation(z).norm(dim=1).median() > 2 * small.deformation(z).norm(dim=1).median() > 0.2
+
+
+def test_shape_texture_trains_with_the_gan_step():
+    g = ShapeTextureGenerator3D(ShapeTextureConfig(size=S, flow_grid=8, z_shape=4, z_texture=4)).set_template(
+        torch.rand(1, S, S, S) * 0.5 + 0.25)          # not constant: moving a constant template changes nothing
+    d = small_d()
+    before = copy.deepcopy(g.state_dict())
+    opt_g, opt_d = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
+    out = gan_step({"image": torch.rand(2, 1, S, S, S)}, 0, generator=g, discriminator=d, opt_g=opt_g, opt_d=opt_d,
+                   loss="wgan-gp")
+    assert math.isfinite(out["g_loss"])
+    changed = {k for k, v in g.state_dict().items() if not torch.equal(v, before[k])}
+    assert {"template", "texture_out.weight", "flow.4.weight"} <= changed
+
+
+def test_deformation_summary_of_known_fields():
+    shift = torch.zeros(2, 3, 8, 8, 8)
+    shift[:, 0] = 2.0                                       # a rigid shift of 2 voxels
+    d = spatial.deformation_summary(shift, spacing_mm=1.5)
+    assert d["median_mm"] == pytest.approx(3.0) and d["log_jac_std"] == pytest.approx(0.0, abs=1e-6) and d["folding"] == 0
+    grow = torch.stack(torch.meshgrid(*[torch.arange(8.0)] * 3, indexing="ij"))[None] * 0.1   # x -> 1.1 x
+    assert spatial.deformation_summary(grow, 1.0)["log_jac_std"] == pytest.approx(0.0, abs=1e-5)
+    mask = torch.zeros(8, 8, 8, dtype=torch.bool)
+    mask[2:6, 2:6, 2:6] = True
+    assert spatial.deformation_summary(grow, 1.0, mask)["median_mm"] < spatial.deformation_summary(grow, 1.0)["median_mm"]
+    with pytest.raises(ValueError, match="mask"):
+        spatial.deformation_summary(shift, 1.0, mask[:4])
+    with pytest.raises(ValueError, match="spacing_mm"):
+        spatial.deformation_summary(shift, 0.0)
+

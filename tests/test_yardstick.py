@@ -203,3 +203,19 @@ def test_cohort_brains_are_served_as_the_dataset_serves_its_own(phantom_brains):
         brain_cohort(cfg, [1, 2], overrides=[{}])
     with pytest.raises(DataError, match="dataset.json"):
         brain_config_of(phantom_brains / "imagesTr")
+
+
+def test_deformation_table_sets_the_generator_beside_the_phantom(phantom_brains):
+    from gen3d_lessons.models.shapetexture import ShapeTextureConfig, ShapeTextureGenerator3D
+    from gen3d_lessons.tasks.synthesis import deformation_table, true_deformations
+
+    fields, spacing, mask = true_deformations(phantom_brains, 2)
+    assert fields.shape == (2, 3, 16, 16, 16) and spacing > 0 and mask.shape == (16, 16, 16) and mask.any()
+    g = ShapeTextureGenerator3D(ShapeTextureConfig(size=8, flow_grid=8, z_shape=4, z_texture=4))
+    t = deformation_table(g, 2, phantom_brains, mask=torch.ones(8, 8, 8, dtype=torch.bool))
+    assert list(t.columns) == ["median_mm", "p95_mm", "log_jac_std", "folding"] and len(t) == 2
+    assert t.iloc[0]["median_mm"] > 0 and (t["folding"] < 0.01).all()
+    with pytest.raises(ValueError, match="mask"):
+        deformation_table(g, 2, phantom_brains, mask=torch.ones(4, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="n: expected"):
+        true_deformations(phantom_brains, 10)

@@ -72,6 +72,13 @@ class MappingNetwork(nn.Module):
         super().__init__()
         dims = [z_dim + cond_dim] + [w_dim] * layers
         self.net = nn.Sequential(*[m for a, b in zip(dims[:-1], dims[1:]) for m in (nn.Linear(a, b), nn.LeakyReLU(0.2))])
+        # He initialisation for LeakyReLU: w keeps about the variance of z through every layer. With
+        # PyTorch's default (uniform, a third of the variance per layer) w shrinks towards a constant
+        # after four layers, every style is about the same, and every sample the same volume.
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, a=0.2)
+                nn.init.zeros_(m.bias)
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         z = z * torch.rsqrt(z.pow(2).mean(1, keepdim=True) + 1e-8)          # "pixel norm" of the code

@@ -1,0 +1,63 @@
+"""Unconditional synthesis (chapter 7): what the generators learned, against how the cohort was made.
+
+The brain phantoms are the template of chapter 1 warped by a random diffeomorphism, then rendered.
+A generator that also warps a template (:class:`~gen3d_lessons.models.shapetexture.ShapeTextureGenerator3D`)
+can therefore be compared with the truth in a way no real dataset allows: its deformations
+against the deformations that made the real brains. :func:`deformation_table` puts the two side
+by side (:func:`gen3d_lessons.spatial.deformation_summary` of each set, in mm).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import spatial
+from ..data.datasets import read_dataset
+
+__all__ = ["true_deformations", "deformation_table"]
+
+
+def true_deformations(folder: str | Path, n: int, split: str = "train") -> tuple[torch.Tensor, float, torch.Tensor]:
+    """The displacement fields that made the first ``n`` brains of a split, regenerated from their seeds.
+
+    Returns the fields (n, 3, S, S, S) in voxels of the dataset's grid, its voxel size in mm, and a
+    brain mask (S, S, S): where the mean of the fields' brains is brain (label > 0 in half of them).
+    """
+    from ..data.brain import brain_config_of, make_brain_subject
+
+    cfg = brain_config_of(folder)
+    attrs = read_dataset(folder).attributes_table().query(f"split == {split!r}")
+    if not 1 <= n <= len(attrs):
+        raise ValueError(f"n: expected 1..{len(attrs)} subjects of the {split!r} split, got {n!r}")
+    fields, brains = [], []
+    for seed in attrs["seed"].iloc[:n]:
+        s = make_brain_subject(int(seed), cfg)
+        fields.append(torch.from_numpy(s["displacement"]))
+        brains.append(torch.from_numpy(s["label"] > 0))
+    spacing = float(np.abs(np.diag(s["affine"]))[0])
+    return torch.stack(fields), spacing, torch.stack(brains).float().mean(0) >= 0.5
+
+
+def deformation_table(generator: Any, n: int, folder: str | Path, mask: torch.Tensor, seed: int = 0):
+    """The generator's deformations beside the phantom's, as a pandas DataFrame (rows: the two sets).
+
+    ``generator.deformation(z)`` gives (n, 3, s, s, s) in voxels of its output grid (``s``³
+    spanning the dataset's field of view); ``mask`` (s, s, s) is the brain on that grid (e.g. the
+    mean training volume above a threshold). Codes ``z ~ N(0, I)`` from ``seed``.
+    """
+    import pandas as pd
+
+    true, spacing, true_mask = true_deformations(folder, n)
+    s = generator.cfg.size
+    if tuple(mask.shape) != (s, s, s):
+        raise ValueError(f"mask: expected shape ({s}, {s}, {s}), the generator's grid, got {tuple(mask.shape)}")
+    z = torch.randn(n, generator.cfg.z_dim, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        learned = generator.deformation(z.to(next(generator.parameters()).device)).cpu()
+    out_spacing = spacing * (true.shape[-1] - 1) / (s - 1)             # the same field of view on s voxels
+    return pd.DataFrame({"the phantom's deformations (training brains)": spatial.deformation_summary(true, spacing, true_mask),
+                         "Shape + Texture samples": spatial.deformation_summary(learned, out_spacing, mask)}).T
