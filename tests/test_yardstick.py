@@ -181,6 +181,11 @@ def test_encoder_from_a_generated_cohort_with_a_check_cohort(phantom_brains, tmp
     assert set(modes) == {"one site", "young only", "no lesions"} and modes["one site"].shape == (2, 1, 16, 16, 16)
     for i, lesion in enumerate(attrs["has_lesion"][:2]):
         assert torch.equal(modes["no lesions"][i], images[i]) == (not lesion)    # only a brain with lesions changes
+    quick = mode_versions(phantom_brains, seeds, size=16, base=images[:2], attrs=attrs.iloc[:2])   # copies what it can
+    for name in modes:
+        torch.testing.assert_close(quick[name], modes[name], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="base, attrs"):
+        mode_versions(phantom_brains, seeds, size=16, base=images[:1], attrs=attrs.iloc[:2])
     with pytest.raises(ValueError, match="which"):
         Y.cohort_seeds(phantom_brains, "train", 2)
 
@@ -219,3 +224,20 @@ def test_deformation_table_sets_the_generator_beside_the_phantom(phantom_brains)
         deformation_table(g, 2, phantom_brains, mask=torch.ones(4, 4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="n: expected"):
         true_deformations(phantom_brains, 10)
+
+
+def test_cost_table_of_generators():
+    from gen3d_lessons.models.gan import Generator3D, GeneratorConfig
+    from gen3d_lessons.tasks.synthesis import cost_table
+    from gen3d_lessons.training.fit import History
+
+    small, big = (Generator3D(GeneratorConfig(z_dim=8, size=16, channels=c)) for c in ((8, 4, 4), (32, 16, 8)))
+    t = cost_table({"small": small, "big": big}, {"small": History(steps=10, seconds=2.0), "big": History(steps=4, seconds=4.0)})
+    assert list(t.columns) == ["generator parameters (M)", "activations per sample (MB)", "seconds per step"]
+    assert t.loc["big", "generator parameters (M)"] > t.loc["small", "generator parameters (M)"] > 0
+    frozen = cost_table({"small": small.requires_grad_(False)}, {"small": History(steps=1, seconds=1.0)})
+    assert frozen.loc["small", "generator parameters (M)"] == t.loc["small", "generator parameters (M)"]
+    assert t.loc["big", "activations per sample (MB)"] > t.loc["small", "activations per sample (MB)"] > 0
+    assert t.loc["small", "seconds per step"] == 0.2 and t.loc["big", "seconds per step"] == 1.0
+    with pytest.raises(ValueError, match="histories"):
+        cost_table({"small": small}, {})

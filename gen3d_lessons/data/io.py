@@ -176,7 +176,7 @@ def check_volume(array: Any, name: str, ndim: NDim = None, allow_nan: bool = Fal
 
         if array.dtype == torch.bool or array.is_complex():
             raise DataError(None, f"{name}: dtype {array.dtype} is not a real number type")
-        if not allow_nan and array.is_floating_point():
+        if not allow_nan and array.is_floating_point() and not bool(torch.isfinite(array).all()):
             bad = _non_finite_text(int(torch.isnan(array).sum()), int(torch.isinf(array).sum()),
                                    array.numel(), "values")
             if bad:

@@ -10,7 +10,7 @@ by side (:func:`gen3d_lessons.spatial.deformation_summary` of each set, in mm).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch
 from .. import spatial
 from ..data.datasets import read_dataset
 
-__all__ = ["true_deformations", "deformation_table"]
+__all__ = ["true_deformations", "deformation_table", "cost_table"]
 
 
 def true_deformations(folder: str | Path, n: int, split: str = "train") -> tuple[torch.Tensor, float, torch.Tensor]:
@@ -61,3 +61,28 @@ def deformation_table(generator: Any, n: int, folder: str | Path, mask: torch.Te
     out_spacing = spacing * (true.shape[-1] - 1) / (s - 1)             # the same field of view on s voxels
     return pd.DataFrame({"the phantom's deformations (training brains)": spatial.deformation_summary(true, spacing, true_mask),
                          "Shape + Texture samples": spatial.deformation_summary(learned, out_spacing, mask)}).T
+
+
+
+def cost_table(models: Mapping[str, Any], histories: Mapping[str, Any]):
+    """What each generator cost, as a pandas DataFrame (one row per model): its parameters (all of
+    them, in millions: a frozen EMA copy counts too), the
+    bytes of its layer outputs for one sample (MB; :func:`~gen3d_lessons.training.benchmark.activation_bytes`,
+    roughly what backpropagation keeps per sample; operations outside layers, such as warping,
+    are not counted), and the seconds per training step of the whole run (every network of the
+    model, and the probes, included: ``history.seconds / history.steps``)."""
+    import pandas as pd
+
+    from ..training.benchmark import activation_bytes
+
+    missing = [m for m in models if m not in histories]
+    if missing:
+        raise ValueError(f"histories: no history for {missing}")
+    rows = {}
+    for name, g in models.items():
+        z = torch.randn(1, g.cfg.z_dim, generator=torch.Generator().manual_seed(0)).to(next(g.parameters()).device)
+        h = histories[name]
+        rows[name] = {"generator parameters (M)": sum(p.numel() for p in g.parameters()) / 1e6,
+                      "activations per sample (MB)": activation_bytes(g, z) / 2**20,
+                      "seconds per step": h.seconds / max(h.steps, 1)}
+    return pd.DataFrame(rows).T

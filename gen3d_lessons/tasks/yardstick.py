@@ -407,7 +407,8 @@ def random_encoder(encoder: YardstickEncoder, seed: int = 1) -> YardstickEncoder
 
 def evaluate_samples(samples: Any, *, reference: Any, train: Any, heldout: Any, encoder: YardstickEncoder,
                      seed: int = 0, kid_subsets: int = 100, ms_ssim_pairs: int = 100,
-                     ms_ssim_real: float | None = None, set_size: int | None = None) -> dict[str, float]:
+                     ms_ssim_real: float | None = None, set_size: int | None = None,
+                     reference_features: np.ndarray | None = None) -> dict[str, float]:
     """Every column of the yardstick for one set of samples (N, C, D, H, W).
 
     ``reference`` are the real volumes the samples are compared with in feature space (normally
@@ -420,7 +421,8 @@ def evaluate_samples(samples: Any, *, reference: Any, train: Any, heldout: Any, 
     with the same ``n`` (:func:`reference_rows` uses ``len(heldout)``).
 
     ``ms_ssim_real`` may be passed in (e.g. from a reference row) to skip recomputing it: it
-    depends only on ``reference``, ``train`` and ``seed``.
+    depends only on ``reference``, ``train`` and ``seed``; so may ``reference_features``,
+    ``encoder.features(reference)``, when many sets are scored against one reference.
 
     ``set_size``: score the samples in disjoint sets of ``set_size`` (the first
     ``len(samples) // set_size`` sets) and average FD, KID, MMD and 1-NN over the sets; ``n`` is
@@ -436,7 +438,8 @@ def evaluate_samples(samples: Any, *, reference: Any, train: Any, heldout: Any, 
     if not 2 <= size <= len(x):
         raise ValueError(f"set_size: expected 2..{len(x)} (the number of samples), got {set_size!r}")
     # 1. features of every set, from the frozen encoder; the feature metrics per set of `size`
-    f_all, f_ref = encoder.features(x), encoder.features(ref)
+    f_all = encoder.features(x)
+    f_ref = encoder.features(ref) if reference_features is None else reference_features
     per_set = []
     for k in range(len(x) // size):
         f_x = f_all[k * size:(k + 1) * size]                                        # (size, F)
