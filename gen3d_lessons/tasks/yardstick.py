@@ -151,7 +151,7 @@ def _cohort(folder: Path, which: str, n: int, size: int, channels: Sequence[str 
 
     index = [BRAIN_CHANNELS.index(c) if isinstance(c, str) else int(c) for c in channels]
     images, attrs = brain_cohort(brain_config_of(folder), cohort_seeds(folder, which, n), channels=tuple(index),
-                                 size=size, desc=f"{which} cohort")
+                                 size=size, desc="encoder cohort" if which == "cohort" else "check cohort")
     return _targets(images, attrs, f"{folder} (generated {which} cohort)")
 
 
