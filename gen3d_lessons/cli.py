@@ -68,6 +68,8 @@ def cmd_yardstick(args: argparse.Namespace) -> int:
         f"cohorts made in {t['cohort_seconds']} s, trained in {t['seconds']} s"
     print(f"yardstick encoder: {enc.path} ({t['steps']} steps on {t['cohort']} new brains; {how})")
     print(yardstick.heads_table(enc).round(3).to_string())
+    from .tasks.sensitivity import CHECK_MODES_N, check_modes
+    check_modes(enc, folder, CHECK_MODES_N)               # chapter 7's dropped-mode brains, made once
     return 0
 
 
@@ -80,13 +82,14 @@ def cmd_chapters(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     paths = book.BookPaths.at(args.root)
-    row = book.run_one(args.chapter, profile=args.profile, paths=paths)
+    rows = book.run_one(args.chapter, profile=args.profile, paths=paths)      # every page of the chapter
     print()
-    print(book.format_report({"chapters": [asdict(row)]}))
-    if row.metrics:
-        print("metrics: " + ", ".join(f"{k}={book.format_value(v)}" for k, v in row.metrics.items()))
-    print(f"executed notebook: {row.executed}")
-    return 0 if row.ok else 1
+    print(book.format_report({"chapters": [asdict(row) for row in rows]}))
+    for row in rows:
+        if row.metrics:
+            print(f"metrics ({row.chapter}): " + ", ".join(f"{k}={book.format_value(v)}" for k, v in row.metrics.items()))
+        print(f"executed notebook: {row.executed}")
+    return 0 if all(row.ok for row in rows) else 1
 
 
 def cmd_book(args: argparse.Namespace) -> int:

@@ -199,6 +199,11 @@ def test_toc_and_chapters(tiny_book):
     assert book.find_chapter("book/ch02_second.ipynb", found).number == 2
     with pytest.raises(KeyError):
         book.find_chapter(7, found)
+    pages = found + [book.Chapter(2, "ch02_more", "book/ch02_more", found[1].path)]   # a chapter of two pages
+    assert [c.name for c in book.find_chapters(2, pages)] == ["ch02_second", "ch02_more"]
+    assert [c.name for c in book.find_chapters("ch02_more", pages)] == ["ch02_more"]
+    with pytest.raises(KeyError):
+        book.find_chapters(7, pages)
 
 
 def test_a_missing_chapter_is_reported(tiny_book):
@@ -399,6 +404,9 @@ def test_cli_chapters_and_report(tiny_book, capsys):
     assert cli.main(["--root", str(tiny_book.root), "report"]) == 0
     assert "ch01_first" in capsys.readouterr().out
     assert cli.main(["--root", str(tiny_book.root), "run", "9", "--profile", "smoke"]) == 2
+    assert cli.main(["--root", str(tiny_book.root), "run", "1", "--profile", "smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "ch01_first" in out and "executed notebook:" in out
 
 
 def test_cli_data_writes_through_a_partial_folder(tmp_path, monkeypatch, capsys):

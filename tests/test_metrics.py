@@ -428,6 +428,13 @@ def test_memorisation_distances_match_scipy_and_the_check_passes_or_fails():
     assert out["mem_median"] == pytest.approx(np.median(cdist(s, t).min(1)) / scale, rel=1e-6)
     assert M.memorisation_passed({"mem_frac": 0.0, "mem_ratio": 1.0})
     assert not M.memorisation_passed(M.memorisation(train[:4], train, heldout))
+    from gen3d_lessons.metrics.generative import MemorisationCheck                 # the real brains fixed once
+    check = MemorisationCheck(train, heldout)
+    assert check(samples) == out and check(train[:4]) == M.memorisation(train[:4], train, heldout)
+    with pytest.raises(ValueError, match="samples: 8 voxels"):
+        check(torch.zeros(2, 1, 2, 2, 2))
+    with pytest.raises(ValueError, match="heldout: needs at least 2"):
+        MemorisationCheck(train, heldout[:1])
 
 
 def test_memorisation_does_not_mistake_blur_for_copying():

@@ -186,6 +186,14 @@ def test_encoder_from_a_generated_cohort_with_a_check_cohort(phantom_brains, tmp
         torch.testing.assert_close(quick[name], modes[name], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="base, attrs"):
         mode_versions(phantom_brains, seeds, size=16, base=images[:1], attrs=attrs.iloc[:2])
+    from gen3d_lessons.tasks.sensitivity import check_modes                 # made once, kept beside the encoder
+    kept = check_modes(enc, phantom_brains, 3)
+    assert enc.path.with_name(enc.path.stem + "_modes.pt").is_file()
+    for name in modes:                                                      # the first ones, from the file
+        torch.testing.assert_close(check_modes(enc, phantom_brains, 2)[name], modes[name], atol=1e-6, rtol=0)
+        assert kept[name].shape == (3, 1, 16, 16, 16)
+    with pytest.raises(ValueError, match="n: expected"):
+        check_modes(enc, phantom_brains, 6)
     with pytest.raises(ValueError, match="which"):
         Y.cohort_seeds(phantom_brains, "train", 2)
 
@@ -241,3 +249,23 @@ def test_cost_table_of_generators():
     assert t.loc["small", "seconds per step"] == 0.2 and t.loc["big", "seconds per step"] == 1.0
     with pytest.raises(ValueError, match="histories"):
         cost_table({"small": small}, {})
+
+
+def test_saved_samples_come_back_only_for_the_same_data(phantom_brains, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Y, "data_root", lambda: tmp_path)
+    x = torch.rand(3, 1, 8, 8, 8)
+    path = Y.save_samples("ch03_gan", x, model="a GAN", folder=phantom_brains, suffix="_smoke")
+    assert path == tmp_path / "samples" / "ch03_gan_smoke.pt"
+    got = Y.load_samples("ch03_gan", phantom_brains, size=8, suffix="_smoke")
+    assert torch.equal(got["samples"], x) and got["model"] == "a GAN"
+    assert Y.load_samples("ch03_gan", phantom_brains, size=16, suffix="_smoke")["samples"].shape == (3, 1, 16, 16, 16)
+    assert Y.load_samples("ch03_gan", phantom_brains, size=8) is None and "not found" in capsys.readouterr().out
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.csv").write_text("another dataset\n")
+    assert Y.load_samples("ch03_gan", other, size=8, suffix="_smoke") is None and "another version" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="NaN"):
+        Y.save_samples("bad", x * float("nan"), model="m", folder=phantom_brains)
+    (tmp_path / "samples" / "broken.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="broken.pt: cannot be read"):
+        Y.load_samples("broken", phantom_brains, size=8)

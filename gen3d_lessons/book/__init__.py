@@ -32,7 +32,7 @@ imports this package (only the CLI does).
 from .library import library_markdown, library_modules, notebook_imports
 from .paths import (BUILD_ENV, CHAPTER_ENV, DATA_ENV, GENERATED_DOCNAMES, LIBRARY_DOCNAME, PROFILE_ENV,
                     PROFILES, REPORT_DOCNAME, RESULTS_ENV, STATIC_ENV, BookPaths, Chapter, chapters,
-                    find_chapter, find_root, notebook_title, toc_docnames)
+                    find_chapter, find_chapters, find_root, notebook_title, toc_docnames)
 from .report import (REPORT_COLUMNS, ChapterRun, format_report, load_report, machine_summary, make_report,
                      merge_rows, report_cells, report_markdown, rows_of, save_report, status_text)
 from .results import (Checks, bound_text, format_value, glue_choice, glue_values, goal_text, passes, record,
@@ -45,7 +45,7 @@ __all__ = [
     # paths
     "PROFILES", "RESULTS_ENV", "DATA_ENV", "BUILD_ENV", "PROFILE_ENV", "CHAPTER_ENV", "STATIC_ENV",
     "REPORT_DOCNAME", "LIBRARY_DOCNAME", "GENERATED_DOCNAMES", "find_root", "BookPaths", "toc_docnames",
-    "Chapter", "chapters", "find_chapter", "notebook_title",
+    "Chapter", "chapters", "find_chapter", "find_chapters", "notebook_title",
     # results
     "results_dir", "record", "Checks", "passes", "goal_text", "bound_text", "format_value", "glue_values",
     "glue_choice", "result_table", "write_json",

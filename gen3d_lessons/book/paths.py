@@ -190,6 +190,14 @@ def find_chapter(key: str | int, available: Sequence[Chapter]) -> Chapter:
     raise KeyError(f"no chapter {key!r} in the toc; chapters: {known}")
 
 
+def find_chapters(key: str | int, available: Sequence[Chapter]) -> list[Chapter]:
+    """Every page of a chapter by number (chapter 7 has several: a toc entry and its sections), in
+    reading order; a name gives its one page (:func:`find_chapter`)."""
+    text = str(key).strip()
+    pages = [c for c in available if text.isdigit() and int(text) == c.number]
+    return pages or [find_chapter(key, available)]
+
+
 def notebook_title(path: Path) -> str | None:
     """The first markdown heading of a notebook."""
     try:

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from typing import Callable, Iterator, Sequence
 
 from .paths import (CHAPTER_ENV, DATA_ENV, PROFILE_ENV, RESULTS_ENV, STATIC_ENV, BookPaths, Chapter,
-                    chapters, find_chapter)
+                    chapters, find_chapters)
 from .report import (ChapterRun, format_report, load_report, make_report, merge_rows, rows_of,
                      save_report, status_text)
 from .results import write_json
@@ -144,7 +144,7 @@ def build_book(paths: BookPaths | None = None, *, profile: str | None = None,
     paths = paths or BookPaths.at()
     available = chapters(paths, missing_ok=True)
     wanted = parse_only(only)
-    selected = [find_chapter(key, available) for key in wanted] if wanted else available
+    selected = [c for key in wanted for c in find_chapters(key, available)] if wanted else available
     if not run:
         selected = []
     profile = (profile or default_profile()) if selected else profile
@@ -179,14 +179,14 @@ def build_book(paths: BookPaths | None = None, *, profile: str | None = None,
 
 
 def run_one(key: str | int, *, profile: str | None = None, paths: BookPaths | None = None,
-            log: Callable[[str], None] = print) -> ChapterRun:
-    """Run one chapter (``gen3d run 1``) and fold its row into ``_build/report.json``."""
+            log: Callable[[str], None] = print) -> list[ChapterRun]:
+    """Run one chapter (``gen3d run 1``) — every page of it, for a chapter of several pages — and
+    fold their rows into ``_build/report.json``. Returns one row per page."""
     paths = paths or BookPaths.at()
     available = chapters(paths, missing_ok=True)
-    chapter = find_chapter(key, available)
-    row = run_chapter(chapter, profile or default_profile(), paths, log=log)
+    fresh = [run_chapter(page, profile or default_profile(), paths, log=log) for page in find_chapters(key, available)]
     previous = load_report(paths) or make_report([])
-    rows = merge_rows([row], rows_of(previous), available)
+    rows = merge_rows(fresh, rows_of(previous), available)
     previous["chapters"] = [asdict(r) for r in rows]
     save_report(previous, paths)
-    return row
+    return fresh

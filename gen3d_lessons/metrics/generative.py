@@ -253,25 +253,38 @@ def memorisation(samples: Any, train: Any, heldout: Any) -> dict[str, float]:
     features; the cost is that a copy shifted by a voxel no longer looks close. Inputs may also
     be feature arrays (N, F). Needs at least 2 held-out volumes.
     """
-    s, t, h = (as_features(a, name) for a, name in ((samples, "samples"), (train, "train"), (heldout, "heldout")))
-    if not s.shape[1] == t.shape[1] == h.shape[1]:
-        raise ValueError(f"samples, train, heldout: need the same number of voxels per volume, got "
-                         f"{s.shape[1]}, {t.shape[1]}, {h.shape[1]}")
-    scale = float(t.std()) * math.sqrt(t.shape[1])                     # ||x - y|| -> RMS in units of std
-    if scale == 0:
-        raise ValueError("train: all training voxels are equal, distances cannot be normalised")
+    return MemorisationCheck(train, heldout)(samples)
 
-    def nearest_other(d2: np.ndarray) -> np.ndarray:                   # nearest non-identical volume
-        d2 = np.where(d2 <= 1e-12 * scale ** 2, np.inf, d2)
-        return np.sqrt(d2.min(1)) / scale
 
-    a_s = np.sqrt(_sq_dists(s, t).min(1)) / scale                       # (N,) to the nearest training volume
-    a_h = np.sqrt(_sq_dists(h, t).min(1)) / scale                       # (M,)
-    b_s, b_h = nearest_other(_sq_dists(s, h)), nearest_other(_sq_dists(h, h))   # to the nearest held-out one
-    q_s, q_h = a_s / np.maximum(b_s, 1e-12), a_h / np.maximum(b_h, 1e-12)
-    return {"mem_ratio": float(np.median(q_s) / max(np.median(q_h), 1e-12)),
-            "mem_frac": float((q_s < 0.5 * np.median(q_h)).mean()),
-            "mem_median": float(np.median(a_s)), "mem_median_heldout": float(np.median(a_h))}
+class MemorisationCheck:
+    """:func:`memorisation` with the training and held-out volumes fixed: what depends only on them
+    (the held-out volumes' ``q``, the normalisation) is computed once, and each call scores one
+    set of samples. Use it when many sets are checked against the same real brains."""
+
+    def __init__(self, train: Any, heldout: Any):
+        t, h = as_features(train, "train"), as_features(heldout, "heldout")
+        if t.shape[1] != h.shape[1]:
+            raise ValueError(f"train, heldout: need the same number of voxels per volume, got {t.shape[1]}, {h.shape[1]}")
+        self.scale = float(t.std()) * math.sqrt(t.shape[1])               # ||x - y|| -> RMS in units of std
+        if self.scale == 0:
+            raise ValueError("train: all training voxels are equal, distances cannot be normalised")
+        self.train, self.heldout = t, h
+        self.a_h = np.sqrt(_sq_dists(h, t).min(1)) / self.scale           # (M,) to the nearest training volume
+        self.q_h = self.a_h / np.maximum(self._nearest_other(_sq_dists(h, h)), 1e-12)
+
+    def _nearest_other(self, d2: np.ndarray) -> np.ndarray:              # nearest non-identical volume
+        d2 = np.where(d2 <= 1e-12 * self.scale ** 2, np.inf, d2)
+        return np.sqrt(d2.min(1)) / self.scale
+
+    def __call__(self, samples: Any) -> dict[str, float]:
+        s = as_features(samples, "samples")
+        if s.shape[1] != self.train.shape[1]:
+            raise ValueError(f"samples: {s.shape[1]} voxels per volume do not match the real volumes' {self.train.shape[1]}")
+        a_s = np.sqrt(_sq_dists(s, self.train).min(1)) / self.scale       # (N,) to the nearest training volume
+        q_s = a_s / np.maximum(self._nearest_other(_sq_dists(s, self.heldout)), 1e-12)   # over the nearest held-out one
+        q_h = np.median(self.q_h)
+        return {"mem_ratio": float(np.median(q_s) / max(q_h, 1e-12)), "mem_frac": float((q_s < 0.5 * q_h).mean()),
+                "mem_median": float(np.median(a_s)), "mem_median_heldout": float(np.median(self.a_h))}
 
 
 def memorisation_passed(row: Mapping[str, float], max_frac: float = 0.2, min_ratio: float = 0.8) -> bool:

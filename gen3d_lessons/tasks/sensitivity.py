@@ -14,6 +14,8 @@ and damage them by a known amount. Two kinds of damage:
   lesions`` — the diversity a collapsing generator loses — and ``copies of training``, a
   fraction ``s`` replaced by training brains (what FD cannot see and the memorisation columns can).
 
+:func:`check_modes` makes the dropped-mode versions of the first brains of the check cohort once
+and keeps them beside the encoder (``gen3d yardstick`` makes them with the data);
 :func:`damage_sets` makes every set; :func:`sensitivity_table` scores each set with
 :func:`~gen3d_lessons.tasks.yardstick.evaluate_samples` in every encoder it is given (the trained
 one, and a randomly initialised one of the same shape as the control); :func:`rank_check` says,
@@ -35,7 +37,7 @@ from .. import spatial
 from ..metrics.checks import as_volumes
 from .yardstick import YardstickEncoder, evaluate_samples
 
-__all__ = ["IMAGE_DAMAGE", "MODE_DAMAGE", "damage", "mode_versions", "damage_sets", "sensitivity_table",
+__all__ = ["IMAGE_DAMAGE", "MODE_DAMAGE", "damage", "mode_versions", "check_modes", "damage_sets", "sensitivity_table",
            "rank_check", "floor_spread", "summary", "MONOTONE"]
 
 # strengths of each image damage (strength 0 is the undamaged set)
@@ -110,6 +112,34 @@ def mode_versions(folder: str | Path, seeds: Sequence[int], size: int, seed: int
     return out
 
 
+CHECK_MODES_N = 48       # the check-cohort brains whose mode versions `gen3d yardstick` makes (every profile's n_base)
+
+
+def check_modes(encoder: YardstickEncoder, folder: str | Path, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """:func:`mode_versions` of the first ``n`` brains of the encoder's check cohort, made once and
+    kept beside the encoder (``<encoder>_modes.pt``): regenerating them takes about a quarter of a
+    second per brain, so a chapter that damages the same brains every run should not pay for it
+    every run. A file made for at least ``n`` brains with the same ``seed`` is read (its first
+    ``n``); otherwise the versions are made and the file written anew.
+    """
+    from ..training.fit import _atomic_save, _read
+    from .yardstick import cohort_seeds
+
+    images, attrs = encoder.check_cohort()
+    if not 1 <= n <= len(images):
+        raise ValueError(f"n: expected 1..{len(images)} (the check cohort's size), got {n!r}")
+    path = encoder.path.with_name(encoder.path.stem + "_modes.pt")
+    if path.is_file():
+        saved = _read(path, "mode-version file", "modes")
+        if saved.get("seed") == seed and all(len(v) >= n for v in saved.get("modes", {}).values()) \
+                and set(saved.get("modes", {})) == set(MODE_DAMAGE) - {"copies of training"}:
+            return {name: v[:n] for name, v in saved["modes"].items()}
+    seeds = [int(s) for s in cohort_seeds(folder, "check", len(images))[:n]]
+    modes = mode_versions(folder, seeds, size=images.shape[-1], seed=seed, base=images[:n], attrs=attrs.iloc[:n])
+    _atomic_save({"modes": modes, "seed": seed}, path)
+    return modes
+
+
 def damage_sets(base: torch.Tensor, modes: Mapping[str, torch.Tensor], train: torch.Tensor,
                 seed: int = 0) -> dict[tuple[str, float], torch.Tensor]:
     """Every damaged set ``{(damage, strength): volumes (N, C, D, H, W)}``, ``("none", 0.0)`` first.
@@ -158,17 +188,17 @@ def sensitivity_table(sets: Mapping[tuple[str, float], torch.Tensor], *, referen
 
     if not encoders:
         raise ValueError("encoders: expected at least one {name: YardstickEncoder}")
-    from ..metrics.generative import frechet_distance, ms_ssim_diversity, one_nn_accuracy
+    from ..metrics.generative import MemorisationCheck, frechet_distance, ms_ssim_diversity, one_nn_accuracy
 
     (first, enc), *others = encoders.items()
     data_range = float(train.max() - train.min())
     ref_feats = {name: e.features(reference) for name, e in (*others, (first, enc))}   # once, not per set
-    train_feats = enc.features(train)
+    train_feats, mem = enc.features(train), MemorisationCheck(train, heldout)
     rows = {}
     for key, x in sets.items():
         row = evaluate_samples(x, reference=reference, train=train, heldout=heldout, encoder=enc, seed=seed,
                                kid_subsets=50, ms_ssim_pairs=ms_ssim_pairs, ms_ssim_real=0.0,
-                               reference_features=ref_feats[first])
+                               reference_features=ref_feats[first], memorisation_check=mem)
         out = {c: row[c] for c in ("fd", "kid", "mmd", "one_nn")}
         out["one_nn (train)"] = one_nn_accuracy(enc.features(x), train_feats)
         out |= {f"fd ({name})": frechet_distance(e.features(x), ref_feats[name]) for name, e in others}

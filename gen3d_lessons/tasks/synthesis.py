@@ -86,3 +86,4 @@ def cost_table(models: Mapping[str, Any], histories: Mapping[str, Any]):
                       "activations per sample (MB)": activation_bytes(g, z) / 2**20,
                       "seconds per step": h.seconds / max(h.steps, 1)}
     return pd.DataFrame(rows).T
+

@@ -34,6 +34,8 @@ half to train on two CPU cores). The step cap ends its training, the clock only 
 stuck machine, and a file lock makes two chapters that miss the cache at once train it once.
 :func:`~gen3d_lessons.metrics.generative.memorisation_passed` is the pass/fail rule of the
 memorisation columns, and :func:`fd_probe` follows FD while a generator trains.
+:func:`save_samples` and :func:`load_samples` carry samples from one chapter to another (chapter 7
+scores those of chapters 3 and 5), only for the version of the data they were drawn from.
 
 The reference rows (:func:`reference_rows`) say what the numbers mean on this cohort:
 
@@ -67,14 +69,16 @@ from ..data import data_root
 from ..data.batches import Batches
 from ..data.datasets import VolumeDataset, read_dataset
 from ..metrics.checks import as_volumes
-from ..metrics.generative import frechet_distance, kid, memorisation, mmd, ms_ssim_diversity, one_nn_accuracy
+from ..metrics.generative import (MemorisationCheck, frechet_distance, kid, memorisation, mmd, ms_ssim_diversity,
+                                  one_nn_accuracy)
 from ..models.encoder import Encoder3D, EncoderConfig
 from ..training import fit, load_model, save_model
 from ..training.encoder import encoder_step
 from ..profiles import step_cap
 
 __all__ = ["data_version", "load_volumes", "YardstickEncoder", "load_or_train_encoder", "random_encoder", "cohort_seeds", "VOLUMES", "evaluate_samples",
-           "mean_noise_baseline", "reference_rows", "table", "fd_probe", "RECIPE", "ENCODER_STEPS"]
+           "mean_noise_baseline", "reference_rows", "table", "fd_probe", "RECIPE", "ENCODER_STEPS", "samples_path",
+           "save_samples", "load_samples"]
 
 
 # 1. The encoder: data version, training, cache -----------------------------------------------
@@ -408,7 +412,8 @@ def random_encoder(encoder: YardstickEncoder, seed: int = 1) -> YardstickEncoder
 def evaluate_samples(samples: Any, *, reference: Any, train: Any, heldout: Any, encoder: YardstickEncoder,
                      seed: int = 0, kid_subsets: int = 100, ms_ssim_pairs: int = 100,
                      ms_ssim_real: float | None = None, set_size: int | None = None,
-                     reference_features: np.ndarray | None = None) -> dict[str, float]:
+                     reference_features: np.ndarray | None = None,
+                     memorisation_check: MemorisationCheck | None = None) -> dict[str, float]:
     """Every column of the yardstick for one set of samples (N, C, D, H, W).
 
     ``reference`` are the real volumes the samples are compared with in feature space (normally
@@ -422,7 +427,9 @@ def evaluate_samples(samples: Any, *, reference: Any, train: Any, heldout: Any, 
 
     ``ms_ssim_real`` may be passed in (e.g. from a reference row) to skip recomputing it: it
     depends only on ``reference``, ``train`` and ``seed``; so may ``reference_features``,
-    ``encoder.features(reference)``, when many sets are scored against one reference.
+    ``encoder.features(reference)``, when many sets are scored against one reference, and
+    ``memorisation_check``, a :class:`~gen3d_lessons.metrics.generative.MemorisationCheck` of
+    ``train`` and ``heldout``.
 
     ``set_size``: score the samples in disjoint sets of ``set_size`` (the first
     ``len(samples) // set_size`` sets) and average FD, KID, MMD and 1-NN over the sets; ``n`` is
@@ -454,7 +461,7 @@ def evaluate_samples(samples: Any, *, reference: Any, train: Any, heldout: Any, 
     out["ms_ssim"] = ms_ssim_diversity(x, data_range, ms_ssim_pairs, seed)
     out["ms_ssim_real"] = (ms_ssim_diversity(ref, data_range, ms_ssim_pairs, seed) if ms_ssim_real is None
                            else float(ms_ssim_real))
-    out.update(memorisation(x, tr, ho))
+    out.update(memorisation(x, tr, ho) if memorisation_check is None else memorisation_check(x))
     return out
 
 
@@ -759,3 +766,51 @@ def draws_table(fds: Mapping[str, Any], baseline: str = BASELINE):
     fds = {name: np.asarray(f, dtype=float) for name, f in fds.items()}
     t = pd.DataFrame({name: {"FD": f.mean(), "FD (std)": f.std()} for name, f in fds.items()}).T
     return t.assign(**{f"/ {baseline}": t["FD"] / fds[baseline].mean()})
+
+
+# 6. Samples one chapter saves for another to score (chapters 3 and 5 for chapter 7) ------------
+
+def samples_path(name: str, suffix: str = "") -> Path:
+    """Where saved samples live: ``data_root()/samples/<name><suffix>.pt``. ``suffix`` is the run's
+    ``model_suffix``, so that a smoke or dry run never replaces a real run's samples."""
+    return data_root() / "samples" / f"{name}{suffix}.pt"
+
+
+def save_samples(name: str, samples: Any, *, model: str, folder: str | Path, suffix: str = "") -> Path:
+    """Save generated volumes (N, 1, s, s, s) as :func:`samples_path` ``(name, suffix)``, with the
+    model's name and the version of the dataset in ``folder`` that the model learned from
+    (atomically). Chapter 3 saves its best GAN's samples and chapter 5 its latent diffusion
+    model's, for chapter 7 to score beside its own generators."""
+    from ..training.fit import _atomic_save, _digest
+
+    x = as_volumes(samples, "samples", shape=(None, 1, None, None, None)).contiguous()   # finite, one channel
+    path = samples_path(name, suffix)
+    _atomic_save({"samples": x, "model": str(model), "sha256": _digest(x),
+                  "data": data_version(folder, x.shape[-1], ("T1",))}, path)
+    return path
+
+
+def load_samples(name: str, folder: str | Path, size: int, suffix: str = "") -> dict[str, Any] | None:
+    """The samples :func:`save_samples` wrote, resampled to ``size``³ (trilinear): a dict with
+    ``samples`` (N, 1, size, size, size) and ``model``. ``None``, with a line that says why, when
+    there is no file (the chapter that saves it has not run in this profile) or when the samples
+    were drawn from another version of the data in ``folder``. A corrupt file is an error that
+    names it."""
+    from ..training.fit import _read
+
+    path = samples_path(name, suffix)
+    if not path.is_file():
+        print(f"{path.name}: not found (the chapter that saves it has not run in this profile)")
+        return None
+    saved = _read(path, "sample file", "samples")
+    missing = {"samples", "model", "data"} - set(saved)
+    if missing:
+        raise ValueError(f"{path}: not a sample file (missing {', '.join(sorted(missing))})")
+    x = as_volumes(saved["samples"], f"{path}: samples")
+    now = data_version(folder, x.shape[-1], ("T1",))
+    if any(saved["data"].get(k) != now[k] for k in ("dataset", "manifest_sha256")):
+        print(f"{path.name}: drawn from another version of the data ({saved['data'].get('dataset')}), not used")
+        return None
+    if x.shape[-1] != size:
+        x = torch.nn.functional.interpolate(x, size=(size,) * 3, mode="trilinear", align_corners=False)
+    return {"samples": x, "model": saved["model"]}
