@@ -215,3 +215,17 @@ def test_lesion_and_worst_case_and_first_and_worst_frame_two_figures_each():
     assert "at ED" in a._suptitle.get_text() and "case 0 (normal) at ES" in b._suptitle.get_text()
     with pytest.raises(ValueError, match="one of each"):
         viz.lesion_and_worst_case(images[:2], labels, preds, per_case, show=["U-Net"])
+
+
+def test_plot_distributions_one_panel_per_group_and_the_reference_filled():
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"class": ["NOR"] * 20 + ["DCM"] * 20, "source": (["real"] * 10 + ["generated"] * 10) * 2,
+                          "EF": np.r_[rng.normal(60, 3, 20), rng.normal(25, 5, 20)]})
+    fig = viz.plot_distributions(table, "EF", unit="%")
+    assert [a.get_title() for a in fig.axes] == ["NOR", "DCM"] and fig.axes[0].get_xlabel() == "EF (%)"
+    with pytest.raises(ValueError, match="missing"):
+        viz.plot_distributions(table, "ESV")
+    with pytest.raises(ValueError, match="reference source"):
+        viz.plot_distributions(table, "EF", reference="truth")
