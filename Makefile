@@ -47,9 +47,11 @@ $(STAMP): requirements.txt pyproject.toml
 	@touch $@
 
 ## The datasets: synthetic, made locally (nothing is downloaded), skipped when present; then the
-## yardstick encoder the synthesis chapters share (trained once on new phantom brains, then cached).
+## yardstick encoder the synthesis chapters share (trained once on new phantom brains, then cached)
+## and the new phantom hearts chapter 7 draws beside the heart dataset (made once, then cached).
 data: $(DATA)/brain/dataset.json $(DATA)/heart/dataset.json
 	$(GEN3D) yardstick --data $(DATA)/brain
+	$(GEN3D) hearts --data $(DATA)/heart
 
 $(DATA)/brain/dataset.json: | $(STAMP)
 	$(GEN3D) data brain --out $(DATA)/brain --n $(DATA_N) --size $(DATA_SIZE) --seed $(DATA_SEED)

@@ -73,6 +73,20 @@ def cmd_yardstick(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hearts(args: argparse.Namespace) -> int:
+    """Make (once) the new phantom hearts chapter 7 draws beside the heart dataset."""
+    from .tasks import heart_motion
+
+    paths = book.BookPaths.at(args.root)
+    folder = Path(args.data) if args.data else paths.data / "heart"
+    if not (folder / "dataset.json").is_file():
+        raise FileNotFoundError(f"{folder}: no heart dataset here; make it first with `gen3d data heart`")
+    for which, (_, n) in heart_motion.COHORTS.items():
+        hearts = heart_motion.new_hearts(folder, which, n)
+        print(f"{which} hearts: {len(hearts)} new hearts of {folder.name}, {tuple(hearts.ed.shape[2:])} label fractions")
+    return 0
+
+
 def cmd_chapters(args: argparse.Namespace) -> int:
     for chapter in book.chapters(book.BookPaths.at(args.root), missing_ok=True):
         state = "" if chapter.path.is_file() else "  (not written yet)"
@@ -132,6 +146,10 @@ def parser() -> argparse.ArgumentParser:
     yard = sub.add_parser("yardstick", help="train (once) the encoder that scores generated brains")
     yard.add_argument("--data", default=None, help="brain dataset folder (default data/brain)")
     yard.set_defaults(func=cmd_yardstick)
+
+    hearts = sub.add_parser("hearts", help="make (once) the new phantom hearts chapter 7 draws beside the dataset")
+    hearts.add_argument("--data", default=None, help="heart dataset folder (default data/heart)")
+    hearts.set_defaults(func=cmd_hearts)
 
     chapters = sub.add_parser("chapters", help="list the chapters of the toc")
     chapters.set_defaults(func=cmd_chapters)

@@ -149,6 +149,20 @@ def test_load_heart_motion_reads_a_dataset(tmp_path):
     assert (cfg.size, cfg.frames, seed) == (32, 2, 0)
 
 
+def test_new_hearts_are_made_once_and_read_back(tmp_path, monkeypatch):
+    import gen3d_lessons.data as data_pkg
+    folder = make_heart_dataset(tmp_path / "heart", n=5, size=32, frames=2)
+    monkeypatch.setattr(data_pkg, "data_root", lambda: tmp_path)
+    made = hm.new_hearts(folder, "reference", 3, voxel_mm=VOXEL, size=SIZE)
+    assert (tmp_path / "cohorts" / "hearts_heart_reference.pt").is_file() and len(made) == 3
+    cfg, seed = hm.heart_config_of(folder)
+    direct = hm.phantom_cohort(cfg, *hm.new_subjects(seed, 2, first=hm.COHORTS["reference"][0]), voxel_mm=VOXEL, size=SIZE)
+    again = hm.new_hearts(folder, "reference", 2, voxel_mm=VOXEL, size=SIZE)        # the first two, from the file
+    assert torch.equal(again.ed, direct.ed) and torch.equal(again.es, direct.es) and again.classes == direct.classes
+    with pytest.raises(ValueError, match="which"):
+        hm.new_hearts(folder, "validation", 2)
+
+
 def test_data_errors_say_what_is_wrong(tmp_path, heart_msd, brain_msd):
     with pytest.raises(DataError, match="not found"):
         hm.load_heart_motion(tmp_path / "nowhere")

@@ -52,8 +52,8 @@ from ..models.motion import MotionVAE3D
 from ..training.batch import batch_tensor
 from ..training.fit import History, fit
 
-__all__ = ["HeartMotionData", "label_fractions", "load_heart_motion", "heart_config_of", "new_subjects",
-           "phantom_cohort", "ejection_error", "motion_vae_step", "train_motion_vae", "warmup_cosine",
+__all__ = ["HeartMotionData", "label_fractions", "load_heart_motion", "heart_config_of", "new_subjects", "new_hearts",
+           "COHORTS", "phantom_cohort", "ejection_error", "motion_vae_step", "train_motion_vae", "warmup_cosine",
            "structure_volumes_ml", "motion_measures", "split_half_w1", "ef_table", "goal_met", "cycle_phases",
            "SOURCES"]
 
@@ -260,6 +260,38 @@ def new_subjects(dataset_seed: int, n: int, first: int = 1_000_000) -> tuple[lis
         raise ValueError(f"first: expected a non-negative subject index, got {first!r}")
     idx = range(first, first + n)
     return [subject_seed(dataset_seed, i) for i in idx], [HEART_CLASSES[i % len(HEART_CLASSES)] for i in idx]
+
+
+# The new hearts chapter 7 draws beside the dataset (cpu profile): subject indices, how many.
+COHORTS = {"training": (1_000_000, 150), "reference": (2_000_000, 200)}
+
+
+def new_hearts(folder: str | Path, which: str, n: int, *, voxel_mm: float = 5.0, size: int = 32) -> HeartMotionData:
+    """``n`` new hearts of the dataset in ``folder`` (:func:`new_subjects` from index
+    ``COHORTS[which][0]``, :func:`phantom_cohort`), made once and kept in ``data_root()/cohorts``:
+    a file made for at least ``n`` of them on the same grid, for the same version of the dataset,
+    is read (its first ``n``); otherwise they are made (about a tenth of a second a heart) and the
+    file is written anew. ``gen3d hearts`` makes the cpu profile's cohorts with the data."""
+    from ..data import data_root
+    from ..training.fit import _atomic_save, _digest, _read
+    from .yardstick import data_version
+
+    if which not in COHORTS:
+        raise ValueError(f"which: expected one of {sorted(COHORTS)}, got {which!r}")
+    version = data_version(folder, size, ("labels",))
+    path = data_root() / "cohorts" / f"hearts_{version['dataset']}_{which}.pt"
+    key = {"manifest": version["manifest_sha256"], "size": int(size), "voxel_mm": float(voxel_mm)}
+    if path.is_file():
+        saved = _read(path, "heart cohort", "ed")
+        if saved.get("key") == key and len(saved["ids"]) >= n:
+            return HeartMotionData(saved["ed"][:n], saved["es"][:n], saved["cls"][:n], list(saved["ids"][:n]),
+                                   float(voxel_mm))
+    cfg, dataset_seed = heart_config_of(folder)
+    made = phantom_cohort(cfg, *new_subjects(dataset_seed, n, first=COHORTS[which][0]), voxel_mm=voxel_mm, size=size,
+                          prefix=which)
+    _atomic_save({"ed": made.ed, "es": made.es, "cls": made.cls, "ids": made.ids, "key": key, "sha256": _digest(made.ed)},
+                 path)
+    return made
 
 
 # 2. Training ------------------------------------------------------------------------------------
