@@ -54,14 +54,19 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_folder(args: argparse.Namespace, kind: str) -> Path:
+    """``--data``, or the book's ``data/<kind>``; one clear line if no dataset of that kind is there."""
+    folder = Path(args.data) if args.data else book.BookPaths.at(args.root).data / kind
+    if not (folder / "dataset.json").is_file():
+        raise FileNotFoundError(f"{folder}: no {kind} dataset here; make it first with `gen3d data {kind}`")
+    return folder
+
+
 def cmd_yardstick(args: argparse.Namespace) -> int:
     """Train (or load from the cache) the yardstick encoder every synthesis chapter shares."""
     from .tasks import yardstick
 
-    paths = book.BookPaths.at(args.root)
-    folder = Path(args.data) if args.data else paths.data / "brain"
-    if not (folder / "dataset.json").is_file():
-        raise FileNotFoundError(f"{folder}: no brain dataset here; make it first with `gen3d data brain`")
+    folder = _dataset_folder(args, "brain")
     enc = yardstick.load_or_train_encoder(folder)       # the defaults every chapter uses
     t = enc.training
     how = "loaded from the cache" if enc.cached else \
@@ -77,10 +82,7 @@ def cmd_hearts(args: argparse.Namespace) -> int:
     """Make (once) the new phantom hearts chapter 7 draws beside the heart dataset."""
     from .tasks import heart_motion
 
-    paths = book.BookPaths.at(args.root)
-    folder = Path(args.data) if args.data else paths.data / "heart"
-    if not (folder / "dataset.json").is_file():
-        raise FileNotFoundError(f"{folder}: no heart dataset here; make it first with `gen3d data heart`")
+    folder = _dataset_folder(args, "heart")
     for which, (_, n) in heart_motion.COHORTS.items():
         hearts = heart_motion.new_hearts(folder, which, n)
         print(f"{which} hearts: {len(hearts)} new hearts of {folder.name}, {tuple(hearts.ed.shape[2:])} label fractions")
