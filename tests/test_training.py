@@ -377,3 +377,18 @@ def test_cost_ratios_reads_3d_over_2d_at_one_edge():
     assert r == {"slowdown": 0.5 / 0.01, "memory_ratio": 32.0, "param_ratio": 3.0}
     with pytest.raises(ValueError, match="no measurement in 2D and 3D at edge 64"):
         cost_ratios(rows, 64)
+
+
+def test_saved_data_comes_back_checked(tmp_path):
+    from gen3d_lessons.training import read_checked, save_checked
+    x = torch.arange(12.0).reshape(3, 4)
+    path = save_checked({"x": x, "note": "cohort"}, tmp_path / "d.pt", "x")
+    back = read_checked(path, "cohort file", "x")
+    assert torch.equal(back["x"], x) and back["note"] == "cohort"
+    with pytest.raises(ValueError, match="checked: 'y'"):
+        save_checked({"x": x}, tmp_path / "e.pt", "y")
+    torch.save({**back, "x": x + 1}, path)                               # tensors changed behind the checksum
+    with pytest.raises(ValueError, match="do not match the checksum"):
+        read_checked(path, "cohort file", "x")
+    with pytest.raises(FileNotFoundError, match="no cohort file"):
+        read_checked(tmp_path / "none.pt", "cohort file", "x")

@@ -273,7 +273,7 @@ def new_hearts(folder: str | Path, which: str, n: int, *, voxel_mm: float = 5.0,
     is read (its first ``n``); otherwise they are made (about a tenth of a second a heart) and the
     file is written anew. ``gen3d hearts`` makes the cpu profile's cohorts with the data."""
     from ..data import data_root
-    from ..training.fit import _atomic_save, _digest, _read
+    from ..training.fit import read_checked, save_checked
     from .yardstick import data_version
 
     if which not in COHORTS:
@@ -282,15 +282,14 @@ def new_hearts(folder: str | Path, which: str, n: int, *, voxel_mm: float = 5.0,
     path = data_root() / "cohorts" / f"hearts_{version['dataset']}_{which}.pt"
     key = {"manifest": version["manifest_sha256"], "size": int(size), "voxel_mm": float(voxel_mm)}
     if path.is_file():
-        saved = _read(path, "heart cohort", "ed")
+        saved = read_checked(path, "heart cohort", "ed")
         if saved.get("key") == key and len(saved["ids"]) >= n:
             return HeartMotionData(saved["ed"][:n], saved["es"][:n], saved["cls"][:n], list(saved["ids"][:n]),
                                    float(voxel_mm))
     cfg, dataset_seed = heart_config_of(folder)
     made = phantom_cohort(cfg, *new_subjects(dataset_seed, n, first=COHORTS[which][0]), voxel_mm=voxel_mm, size=size,
                           prefix=which)
-    _atomic_save({"ed": made.ed, "es": made.es, "cls": made.cls, "ids": made.ids, "key": key, "sha256": _digest(made.ed)},
-                 path)
+    save_checked({"ed": made.ed, "es": made.es, "cls": made.cls, "ids": made.ids, "key": key}, path, "ed")
     return made
 
 

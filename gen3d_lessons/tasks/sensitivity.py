@@ -122,7 +122,7 @@ def check_modes(encoder: YardstickEncoder, folder: str | Path, n: int, seed: int
     every run. A file made for at least ``n`` brains with the same ``seed`` is read (its first
     ``n``); otherwise the versions are made and the file written anew.
     """
-    from ..training.fit import _atomic_save, _read
+    from ..training.fit import read_checked, save_checked
     from .yardstick import cohort_seeds
 
     images, attrs = encoder.check_cohort()
@@ -130,13 +130,13 @@ def check_modes(encoder: YardstickEncoder, folder: str | Path, n: int, seed: int
         raise ValueError(f"n: expected 1..{len(images)} (the check cohort's size), got {n!r}")
     path = encoder.path.with_name(encoder.path.stem + "_modes.pt")
     if path.is_file():
-        saved = _read(path, "mode-version file", "modes")
+        saved = read_checked(path, "mode-version file", "modes")
         if saved.get("seed") == seed and all(len(v) >= n for v in saved.get("modes", {}).values()) \
                 and set(saved.get("modes", {})) == set(MODE_DAMAGE) - {"copies of training"}:
             return {name: v[:n] for name, v in saved["modes"].items()}
     seeds = [int(s) for s in cohort_seeds(folder, "check", len(images))[:n]]
     modes = mode_versions(folder, seeds, size=images.shape[-1], seed=seed, base=images[:n], attrs=attrs.iloc[:n])
-    _atomic_save({"modes": modes, "seed": seed}, path)
+    save_checked({"modes": modes, "seed": seed}, path, "modes")
     return modes
 
 

@@ -63,14 +63,13 @@ def deformation_table(generator: Any, n: int, folder: str | Path, mask: torch.Te
                          "Shape + Texture samples": spatial.deformation_summary(learned, out_spacing, mask)}).T
 
 
-
 def cost_table(models: Mapping[str, Any], histories: Mapping[str, Any]):
     """What each generator cost, as a pandas DataFrame (one row per model): its parameters (all of
-    them, in millions: a frozen EMA copy counts too), the
-    bytes of its layer outputs for one sample (MB; :func:`~gen3d_lessons.training.benchmark.activation_bytes`,
-    roughly what backpropagation keeps per sample; operations outside layers, such as warping,
-    are not counted), and the seconds per training step of the whole run (every network of the
-    model, and the probes, included: ``history.seconds / history.steps``)."""
+    them, in millions: a frozen EMA copy counts too), the bytes of its layer outputs for one
+    sample (MB; :func:`~gen3d_lessons.training.benchmark.activation_bytes`, roughly what
+    backpropagation keeps per sample; operations outside layers, such as warping, are not
+    counted), and the seconds per training step of the whole run (every network of the model, and
+    the probes, included: ``history.seconds / history.steps``)."""
     import pandas as pd
 
     from ..training.benchmark import activation_bytes

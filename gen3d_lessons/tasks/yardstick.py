@@ -781,13 +781,12 @@ def save_samples(name: str, samples: Any, *, model: str, folder: str | Path, suf
     model's name and the version of the dataset in ``folder`` that the model learned from
     (atomically). Chapter 3 saves its best GAN's samples and chapter 5 its latent diffusion
     model's, for chapter 7 to score beside its own generators."""
-    from ..training.fit import _atomic_save, _digest
+    from ..training.fit import save_checked
 
     x = as_volumes(samples, "samples", shape=(None, 1, None, None, None)).contiguous()   # finite, one channel
     path = samples_path(name, suffix)
-    _atomic_save({"samples": x, "model": str(model), "sha256": _digest(x),
-                  "data": data_version(folder, x.shape[-1], ("T1",))}, path)
-    return path
+    return save_checked({"samples": x, "model": str(model), "data": data_version(folder, x.shape[-1], ("T1",))},
+                        path, "samples")
 
 
 def load_samples(name: str, folder: str | Path, size: int, suffix: str = "") -> dict[str, Any] | None:
@@ -796,13 +795,13 @@ def load_samples(name: str, folder: str | Path, size: int, suffix: str = "") -> 
     there is no file (the chapter that saves it has not run in this profile) or when the samples
     were drawn from another version of the data in ``folder``. A corrupt file is an error that
     names it."""
-    from ..training.fit import _read
+    from ..training.fit import read_checked
 
     path = samples_path(name, suffix)
     if not path.is_file():
         print(f"{path.name}: not found (the chapter that saves it has not run in this profile)")
         return None
-    saved = _read(path, "sample file", "samples")
+    saved = read_checked(path, "sample file", "samples")
     missing = {"samples", "model", "data"} - set(saved)
     if missing:
         raise ValueError(f"{path}: not a sample file (missing {', '.join(sorted(missing))})")

@@ -21,7 +21,8 @@ instead of quietly returning a less-trained model. In a dry run (env ``GEN3D_MAX
 
 A :class:`Checkpoint` makes a long run resumable: if its file exists, ``fit`` restores the
 models, optimizers, step counter, history and random generators from it and carries on.
-:func:`save_model` / :func:`load_model` store a finished model with the config that builds it.
+:func:`save_model` / :func:`load_model` store a finished model with the config that builds it;
+:func:`save_checked` / :func:`read_checked` store generated data kept between runs (a cohort, samples).
 """
 
 from __future__ import annotations
@@ -176,6 +177,22 @@ def _read(path: Path, what: str, checked: str) -> dict:
         raise ValueError(f"{path}: the {what}'s tensors do not match the checksum saved with them "
                          "(the file is corrupt); retrain or restore it")
     return obj
+
+
+def save_checked(obj: Mapping[str, Any], path: str | Path, checked: str) -> Path:
+    """Save a dict of tensors and plain values atomically, with a sha256 of ``obj[checked]``: what a
+    cache of generated data (a cohort, saved samples) needs, read back by :func:`read_checked`."""
+    if checked not in obj:
+        raise ValueError(f"checked: {checked!r} is not a key of the object to save ({', '.join(map(str, obj))})")
+    path = Path(path)
+    _atomic_save({**obj, "sha256": _digest(obj[checked])}, path)
+    return path
+
+
+def read_checked(path: str | Path, what: str, checked: str) -> dict:
+    """Read a file :func:`save_checked` wrote; a missing, unreadable or corrupt file is one error
+    line that names it and says which (``what`` names the kind of file)."""
+    return _read(Path(path), what, checked)
 
 
 # 3. Random generators: captured and restored so a resumed run draws what it would have -------
