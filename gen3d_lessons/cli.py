@@ -2,6 +2,8 @@
 
     gen3d data brain|heart|all [--n 64] [--size 64] [--frames 16] [--seed 0] [--out PATH]
     gen3d yardstick [--data PATH]
+    gen3d hearts [--data PATH]
+    gen3d segment IN.nii.gz OUT.nii.gz [--model PATH] [--mask MASK] [--force]
     gen3d chapters
     gen3d run 1 [--profile cpu]
     gen3d book [--profile cpu] [--only 1,2] [--no-build | --no-run]
@@ -89,6 +91,46 @@ def cmd_hearts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nifti_stem(path: Path) -> str:
+    name = path.name
+    return name[:-7] if name.endswith(".nii.gz") else name[:-4] if name.endswith(".nii") else path.stem
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """Label a T1 scan (CSF, GM, WM) on its own grid; a label table with volumes in mL beside it."""
+    import numpy as np
+
+    from .tasks.segment import load_segmenter, predict
+
+    src, out = Path(args.input), Path(args.output)
+    if not out.name.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"{out}: the output must be a NIfTI file ending in .nii or .nii.gz")
+    table = out.with_name(_nifti_stem(out) + ".tsv")
+    if out.resolve() == src.resolve() or (args.mask and out.resolve() == Path(args.mask).resolve()):
+        raise ValueError(f"{out}: the output would overwrite an input")
+    for path in (out, table):
+        if path.exists() and not args.force:
+            raise FileExistsError(f"{path}: exists; choose another output or pass --force to replace it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{out.parent}: no such folder for the output")
+    start = time.perf_counter()
+    labels = predict(src, model_path=args.model, mask=args.mask)
+    _, cfg = load_segmenter(args.model)
+    seconds = time.perf_counter() - start
+    voxel_ml = abs(float(np.linalg.det(labels.affine[:3, :3]))) / 1000.0
+    counts = np.bincount(np.asarray(labels.dataobj).ravel(), minlength=len(cfg.labels))
+    labels.to_filename(out)
+    rows = ["index\tname\tvolume_ml"] + [f"{k}\t{name}\t{counts[k] * voxel_ml:.1f}"
+                                          for k, name in enumerate(cfg.labels) if k > 0]
+    table.write_text("\n".join(rows) + "\n")
+    print(f"{out}: labels on the grid of {src} ({'x'.join(map(str, labels.shape))}), {seconds:.1f} s")
+    print(f"{table}: the label table")
+    for k, name in enumerate(cfg.labels):
+        if k > 0:
+            print(f"  {k} {name:<4} {counts[k] * voxel_ml:8.1f} mL")
+    return 0
+
+
 def cmd_chapters(args: argparse.Namespace) -> int:
     for chapter in book.chapters(book.BookPaths.at(args.root), missing_ok=True):
         state = "" if chapter.path.is_file() else "  (not written yet)"
@@ -152,6 +194,16 @@ def parser() -> argparse.ArgumentParser:
     hearts = sub.add_parser("hearts", help="make (once) the new phantom hearts chapter 7 draws beside the dataset")
     hearts.add_argument("--data", default=None, help="heart dataset folder (default data/heart)")
     hearts.set_defaults(func=cmd_hearts)
+
+    seg = sub.add_parser("segment", help="label a T1 scan (CSF, GM, WM) with the book's segmenter",
+                         description="Label a T1-weighted brain scan: 1 CSF, 2 GM, 3 WM, written on the input's "
+                                     "own grid, with a label table (OUT.tsv: index, name, volume in mL) beside it.")
+    seg.add_argument("input", help="a T1 scan, .nii or .nii.gz, any orientation and voxel size")
+    seg.add_argument("output", help="where to write the labels (.nii or .nii.gz)")
+    seg.add_argument("--model", default=None, help="a segmenter saved by save_segmenter (default data/models/brain_seg.pt)")
+    seg.add_argument("--mask", default=None, help="a brain mask on the input's grid; needed for a scan with skull")
+    seg.add_argument("--force", action="store_true", help="replace OUT and its table if they exist")
+    seg.set_defaults(func=cmd_segment)
 
     chapters = sub.add_parser("chapters", help="list the chapters of the toc")
     chapters.set_defaults(func=cmd_chapters)

@@ -55,6 +55,8 @@ class SegmenterConfig:
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(in_channels=1, out_channels=4, norm="batch"))
     spacing_mm: float = 3.0                      # isotropic voxel size of the training volumes
     labels: tuple[str, ...] = BRAIN_TISSUES      # name of each output class, label value = index
+    data: dict = field(default_factory=dict)     # what it was trained on: dataset, its manifest hash, profile
+    kind: str = "brain tissue segmenter"         # what load_segmenter() checks before it builds the network
 
     def __post_init__(self):
         if isinstance(self.unet, dict):
@@ -83,15 +85,27 @@ def load_segmenter(model_path: str | Path | None = None, device: Any = None) -> 
             f"{path}: no trained brain segmenter here. Make one by running chapter 10 "
             "(`gen3d run 10`, or execute book/ch10_segmentation.ipynb), or call "
             "gen3d_lessons.tasks.segment.train_brain_segmenter(...) and save_segmenter(...); "
-            "or pass model_path= to a model you saved.")
+            "or point to a model you saved (model_path=, or gen3d segment --model PATH).")
     saved: dict = {}
 
     def build(config: dict) -> UNet3D:
+        if config.get("kind", SegmenterConfig.kind) != SegmenterConfig.kind or "unet" not in config:
+            raise NotASegmenter(f"{path}: not a brain segmenter (it holds a {config.get('kind', 'model')} whose config "
+                                f"has {', '.join(sorted(map(str, config)))}); give a file saved by save_segmenter()")
         saved.update(config)
         return UNet3D(SegmenterConfig(**config).unet)
 
-    model = load_model(path, build, device=device)
+    try:
+        model = load_model(path, build, device=device)
+    except ValueError as e:
+        if isinstance(e.__cause__, NotASegmenter):
+            raise NotASegmenter(str(e.__cause__)) from None
+        raise
     return model, SegmenterConfig(**saved)
+
+
+class NotASegmenter(ValueError):
+    """A saved model file that holds some other network."""
 
 
 def save_segmenter(model: UNet3D, cfg: SegmenterConfig, path: str | Path | None = None) -> Path:
@@ -231,12 +245,55 @@ def _resample(data: np.ndarray, src_affine: np.ndarray, dst_shape: tuple[int, ..
                                     order=order, mode="constant", cval=cval)
 
 
-def predict(volume: Any, model_path: str | Path | None = None, device: Any = None):
+HEAD_ML = 2500.0      # inside the outline of a scan: more than this is a head (skull, scalp), not a brain
+
+
+def outline_volume_ml(data: np.ndarray, affine: np.ndarray) -> float:
+    """mL inside a scan's outline: above Otsu's threshold, holes filled, the largest piece."""
+    from ..baselines.segmentation import brain_mask_from_intensity
+
+    return float(brain_mask_from_intensity(data).sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0)
+
+
+def _as_mask(mask: Any, shape: tuple[int, ...], affine: np.ndarray, name: str) -> np.ndarray:
+    """A brain mask (path, nibabel image or array) checked against the volume it belongs to."""
+    import nibabel as nib
+
+    where = str(mask) if isinstance(mask, (str, Path)) else "mask"
+    if isinstance(mask, (str, Path)):
+        vol = load_nifti(mask, ndim=(3, 4))
+        data, m_affine = vol.data, vol.affine
+    elif isinstance(mask, nib.spatialimages.SpatialImage):
+        data, m_affine = np.asarray(mask.dataobj), np.asarray(mask.affine, float)
+    else:
+        data, m_affine = np.asarray(mask), None
+    data = data[..., 0] if data.ndim == 4 and data.shape[3] == 1 else data
+    if data.shape != shape:
+        raise DataError(None, f"{where}: a mask of shape {data.shape} for {name} of shape {shape}; "
+                              "the mask must be on the scan's own grid")
+    if m_affine is not None and not np.allclose(m_affine, affine, atol=1e-3):
+        raise DataError(None, f"{where}: its affine differs from {name}'s; the mask must be on the scan's own grid")
+    if not np.isfinite(data).all():
+        raise DataError(None, f"{where}: holds NaN or inf values")
+    m = data > 0.5
+    if not m.any():
+        raise DataError(None, f"{where}: the mask is empty (no voxel above 0.5)")
+    return m
+
+
+def predict(volume: Any, model_path: str | Path | None = None, device: Any = None, mask: Any = None,
+            check_head: bool = True):
     """Segment a T1-weighted brain volume into 0 background, 1 CSF, 2 GM, 3 WM.
 
     ``volume`` is a path to a .nii/.nii.gz file or a nibabel image: 3D (or 4D with one volume),
     any orientation, any voxel size, finite values. Returns a ``nibabel.Nifti1Image`` of uint8
     labels with the input's shape and affine. ``model_path`` defaults to :func:`default_model_path`.
+
+    The network knows brains, not skulls: give a skull-stripped scan, or a brain ``mask`` on the
+    scan's grid (a path, an image or an array; voxels above 0.5 are brain), outside which the
+    image is darkened before the network sees it and the labels are background. Without a mask, a
+    scan whose outline holds more than ``HEAD_ML`` mL looks like a whole head and is refused
+    (``check_head=False`` skips that test).
 
     Steps: 1. read and check; 2. resample onto the model's RAS grid (anti-aliased when the input is
     finer); 3. normalise the intensities; 4. class probabilities; 5. probabilities back onto the
@@ -245,8 +302,15 @@ def predict(volume: Any, model_path: str | Path | None = None, device: Any = Non
     import nibabel as nib
     from scipy import ndimage
 
-    # 1. read the volume and the model
+    # 1. read the volume, its mask and the model
     data, affine, name = _as_volume(volume)
+    if mask is not None:
+        brain = _as_mask(mask, data.shape, affine, name)
+        data = np.where(brain, data, float(data[brain].min()))
+    elif check_head and (ml := outline_volume_ml(data, affine)) > HEAD_ML:
+        raise DataError(None, f"{name}: about {ml:.0f} mL lie inside the scan's outline, a whole head rather than "
+                              f"a brain (1.0-1.8 L), and skull and scalp would be labelled as tissue: strip the "
+                              "skull first, or give a brain mask (predict(..., mask=...), gen3d segment --mask MASK)")
     model, cfg = load_segmenter(model_path, device=device)
     if cfg.unet.in_channels != 1:
         raise ValueError(f"{model_path or default_model_path()}: this network takes {cfg.unet.in_channels} "
@@ -267,6 +331,8 @@ def predict(volume: Any, model_path: str | Path | None = None, device: Any = Non
     back = np.stack([_resample(p, grid_affine, data.shape, affine, order=1, cval=1.0 if k == 0 else 0.0)
                      for k, p in enumerate(probs)])                       # (K, X, Y, Z)
     labels = back.argmax(0).astype(np.uint8)
+    if mask is not None:
+        labels[~brain] = 0
     out = nib.Nifti1Image(labels, affine)
     out.header.set_xyzt_units("mm")
     return out
@@ -433,7 +499,8 @@ def train_brain_segmenter(images: torch.Tensor, labels: torch.Tensor, spacing_mm
                           init: UNet3D | None = None,
                           crop: int = 16, batch_size: int = 8, lr: float = 1e-2, p_synthetic: float = 0.5,
                           synth: SynthConfig = SynthConfig(), max_steps: int = 300, budget_s: float | None = None,
-                          seed: int = 0, device: Any = None, desc: str = "brain segmenter"):
+                          seed: int = 0, device: Any = None, desc: str = "brain segmenter",
+                          data: Mapping[str, Any] | None = None):
     """Train a tissue segmenter with domain randomisation; returns ``(model, config, history)``.
 
     ``images`` (N, 1, D, H, W) are T1 volumes and ``labels`` (N, 1, D, H, W) their tissue labels
@@ -441,7 +508,9 @@ def train_brain_segmenter(images: torch.Tensor, labels: torch.Tensor, spacing_mm
     is normalised whole (:func:`normalize_intensity`), then the network learns on random crops, a
     share ``p_synthetic`` of them redrawn by :func:`synthesize` (0: plain training, flips only).
     ``init``: a trained network to start from (copied, not changed); else a new ``UNet3D(unet)``.
-    The learning rate follows one cycle over ``max_steps``. Save the result with
+    The learning rate follows one cycle over ``max_steps``. ``data`` says what the images are (for
+    instance :func:`gen3d_lessons.tasks.yardstick.data_version` of their dataset) and is kept in
+    the config, so the saved file tells which data made it. Save the result with
     :func:`save_segmenter` for :func:`predict` to use.
     """
     import copy
@@ -454,7 +523,7 @@ def train_brain_segmenter(images: torch.Tensor, labels: torch.Tensor, spacing_mm
     check_volume(images, "images", ndim=5)
     check_volume(labels, "labels", ndim=5)
     unet = init.cfg if init is not None else unet
-    cfg = SegmenterConfig(unet=unet, spacing_mm=float(spacing_mm))
+    cfg = SegmenterConfig(unet=unet, spacing_mm=float(spacing_mm), data=dict(data or {}))
     if images.shape[1] != unet.in_channels:
         raise ValueError(f"images: {images.shape[1]} channels, but the network takes {unet.in_channels}")
     if labels.min() < 0 or labels.max() >= unet.out_channels:
