@@ -25,12 +25,18 @@ def model(tmp_path: Path) -> Path:
 
 
 def three_tissues(shape=(40, 44, 36), seed=0):
-    """A box of 'brain': CSF shell, GM layer, WM core, with T1-like means and noise (1 mm voxels)."""
+    """A box of 'brain' whose CSF, GM and WM interleave as smooth random blobs (no shell that a
+    smooth bias model could mistake for a bias), with T1-like means and noise; background around it."""
+    from scipy import ndimage
+
     rng = np.random.default_rng(seed)
-    idx = np.indices(shape).astype(float)
-    c = (np.array(shape)[:, None, None, None] - 1) / 2
-    r = np.sqrt((((idx - c) / (np.array(shape)[:, None, None, None] / 2)) ** 2).sum(0))
-    labels = np.select([r < 0.45, r < 0.7, r < 0.9], [3, 2, 1], 0)
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), 3.0)
+    cuts = np.quantile(field, [0.3, 0.65])
+    labels = 1 + np.digitize(field, cuts)                                # 1 CSF, 2 GM, 3 WM
+    border = tuple(slice(max(2, s // 8), s - max(2, s // 8)) for s in shape)
+    inside = np.zeros(shape, bool)
+    inside[border] = True
+    labels = np.where(inside, labels, 0)
     image = np.array([0.05, 0.3, 0.6, 0.9])[labels] + 0.04 * rng.standard_normal(shape)
     return np.abs(image).astype(np.float32), labels
 

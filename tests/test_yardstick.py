@@ -269,3 +269,33 @@ def test_saved_samples_come_back_only_for_the_same_data(phantom_brains, tmp_path
     (tmp_path / "samples" / "broken.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="broken.pt: cannot be read"):
         Y.load_samples("broken", phantom_brains, size=8)
+
+
+def test_moment_affine_undoes_a_shift_and_a_stretch():
+    from scipy import ndimage
+
+    from gen3d_lessons.tasks.synthesis import moment_affine
+
+    target = np.zeros((24, 24, 24), bool)
+    target[6:18, 8:16, 5:19] = True
+    moved = np.zeros_like(target)
+    moved[9:21, 6:22, 5:19] = True                                # shifted along x, stretched twice along y
+    m = moment_affine(moved, target)
+    back = ndimage.affine_transform(moved.astype(np.uint8), m[:3, :3], offset=m[:3, 3], output_shape=target.shape, order=0)
+    assert (back.astype(bool) == target).mean() > 0.98
+    with pytest.raises(ValueError, match="too few"):
+        moment_affine(np.zeros_like(target), target)
+
+
+def test_atlas_score_ranks_brains_above_noise():
+    from gen3d_lessons.data.brain import brain_template
+    from gen3d_lessons.tasks.synthesis import atlas_score
+
+    t = brain_template(32)
+    t1 = torch.from_numpy(t["image"][..., 0])[None, None]                  # the template itself, T1
+    noise = torch.rand(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    own, random = atlas_score(t1, t["label"]), atlas_score(noise, t["label"])
+    assert own.shape == (1,) and random.shape == (2,)
+    assert own[0] > 0.5 > random.max()
+    with pytest.raises(ValueError, match="volumes"):
+        atlas_score(noise[:, :, :16], t["label"])

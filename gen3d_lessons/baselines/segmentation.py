@@ -137,15 +137,50 @@ def _polynomial_basis(shape: tuple[int, ...], order: int) -> np.ndarray:
     return np.stack([(grid[0] ** i * grid[1] ** j * grid[2] ** k).ravel() for i, j, k in powers], 1)
 
 
-def _fit_mixture(values: np.ndarray, n_classes: int, seed: int):
-    """A 1D Gaussian mixture, components sorted darkest first; started from k-means, the best of three."""
-    from sklearn.mixture import GaussianMixture
+def _fit_mixture(values: np.ndarray, n_classes: int, seed: int, iterations: int = 50, start: Any = None):
+    """A 1D Gaussian mixture by EM, components sorted darkest first: (means, stds, weights).
 
+    Started from ``start`` (a previous fit) if given, else from the best of three 1D k-means runs
+    (Lloyd's algorithm from spread-out quantiles), so that a small class (little white matter in a
+    cropped scan, say) still gets a component.
+    """
     rng = np.random.default_rng(seed)
-    sample = rng.choice(values, size=min(200_000, values.size), replace=False)
-    gmm = GaussianMixture(n_classes, n_init=3, random_state=seed).fit(sample[:, None])
-    order = np.argsort(gmm.means_[:, 0])
-    return gmm.means_[order, 0], np.sqrt(gmm.covariances_.reshape(-1)[order]), gmm.weights_[order]
+    v = rng.choice(values, size=20_000, replace=False) if values.size > 20_000 else values   # plenty for 1D
+    floor = 1e-3 * (v.std() + 1e-12)
+    if start is not None:
+        return _em(v, *start, iterations, floor)
+    best = None
+    for qs in ((1 / 6, 1 / 2, 5 / 6), (0.05, 0.5, 0.95), (0.02, 0.3, 0.9)):
+        centres = np.quantile(v, np.interp(np.linspace(0, 1, n_classes), np.linspace(0, 1, len(qs)), qs))
+        for _ in range(30):
+            nearest = np.abs(v[:, None] - centres[None]).argmin(1)
+            moved = np.array([v[nearest == k].mean() if (nearest == k).any() else centres[k] for k in range(n_classes)])
+            if np.allclose(moved, centres):
+                break
+            centres = moved
+        sse = ((v - centres[nearest]) ** 2).sum()
+        if best is None or sse < best[0]:
+            best = (sse, centres, nearest)
+    _, means, nearest = best
+    stds = np.array([max(v[nearest == k].std() if (nearest == k).sum() > 1 else v.std(), floor) for k in range(n_classes)])
+    weights = np.array([max((nearest == k).mean(), 1e-3) for k in range(n_classes)])
+    return _em(v, means, stds, weights, iterations, floor)
+
+
+def _em(v: np.ndarray, means: np.ndarray, stds: np.ndarray, weights: np.ndarray, iterations: int, floor: float):
+    """EM updates of a 1D Gaussian mixture until the means stop moving; sorted darkest first."""
+    for _ in range(iterations):
+        ll = _log_likelihoods(v, means, stds, weights)
+        post = np.exp(ll - ll.max(1, keepdims=True))
+        post /= post.sum(1, keepdims=True)
+        n_k = post.sum(0) + 1e-9
+        previous, means = means, (post * v[:, None]).sum(0) / n_k
+        stds = np.maximum(np.sqrt((post * (v[:, None] - means) ** 2).sum(0) / n_k), floor)
+        weights = n_k / n_k.sum()
+        if np.abs(means - previous).max() < 1e-3 * (v.std() + 1e-12):
+            break
+    order = np.argsort(means)
+    return means[order], stds[order], weights[order]
 
 
 def _log_likelihoods(values: np.ndarray, means: np.ndarray, stds: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -176,14 +211,15 @@ def correct_bias(image: Any, mask: Any, order: int = 3, iterations: int = 4, n_c
     log_x = np.log(np.maximum(x, max(np.quantile(x[m], 0.01), 1e-6)))
     basis = _polynomial_basis(x.shape, order)[m.ravel()]                # (N, P) inside the mask
     rows = np.random.default_rng(seed).choice(len(basis), size=min(len(basis), 100_000), replace=False)
-    bias = np.zeros(int(m.sum()))
+    bias, fit = np.zeros(int(m.sum())), None
     for _ in range(iterations):
-        v = log_x[m] - bias
-        means, stds, weights = _fit_mixture(v, n_classes, seed)
+        v = np.exp(log_x[m] - bias)                                     # the mixture lives on intensities
+        fit = means, stds, weights = _fit_mixture(v, n_classes, seed, start=fit)
         ll = _log_likelihoods(v, means, stds, weights)
         post = np.exp(ll - ll.max(1, keepdims=True))
         post /= post.sum(1, keepdims=True)
-        residual = log_x[m] - post @ means                              # what the tissue means do not explain
+        log_means = (post * (log_x[m] - bias)[:, None]).sum(0) / (post.sum(0) + 1e-9)
+        residual = log_x[m] - post @ log_means                          # what the tissue means do not explain
         coef, *_ = np.linalg.lstsq(basis[rows], residual[rows], rcond=None)
         bias = basis @ coef
         bias -= bias.mean()
@@ -212,7 +248,7 @@ def classical_tissue_classifier(image: Any, mask: Any, beta: float = 0.4, icm_it
     if beta < 0 or icm_iterations < 0:
         raise ValueError(f"beta and icm_iterations: expected >= 0, got {beta}, {icm_iterations}")
     corrected = correct_bias(x, m, order=bias_order, seed=seed)
-    v = np.log(np.maximum(corrected[m], 1e-6))
+    v = corrected[m]
     means, stds, weights = _fit_mixture(v, 3, seed)
     unary = -_log_likelihoods(v, means, stds, weights)                 # (N, 3)
     classes = unary.argmin(1)
