@@ -158,3 +158,21 @@ def test_cli_segment_bad_input_is_one_line(tmp_path, model, capsys, case, messag
     assert err.startswith("gen3d: ") and "\n" not in err and message in err
     if case == "exists":
         assert out.read_bytes() == b"someone else's file"               # never overwritten without --force
+
+
+def test_agreement_table_dice_volumes_and_gaps():
+    from gen3d_lessons.tasks.segment import agreement_table
+
+    ref = np.zeros((10, 10, 10), int)
+    ref[:5] = 1
+    ref[5:] = 2
+    lab = ref.copy()
+    lab[4] = 2                                                          # one slab of class 1 called class 2
+    t = agreement_table(ref, lab, voxel_ml=0.008, classes={"A": 1, "B": 2})
+    assert t.loc["A", "Dice"] == pytest.approx(2 * 400 / 900)
+    assert t.loc["A", "reference (mL)"] == pytest.approx(4.0) and t.loc["B", "network (mL)"] == pytest.approx(4.8)
+    assert t.loc["A", "volume gap"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="shape"):
+        agreement_table(ref, lab[:-1], 1.0)
+    with pytest.raises(ValueError, match="voxel_ml"):
+        agreement_table(ref, lab, 0.0)

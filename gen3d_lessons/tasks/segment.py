@@ -610,6 +610,31 @@ def mean_tissue_dice(models: Mapping[str, torch.nn.Module], images: torch.Tensor
     return pd.DataFrame(out | {"Otsu": otsu})
 
 
+def agreement_table(reference: Any, labels: Any, voxel_ml: float,
+                    classes: Mapping[str, int] = {"CSF": 1, "GM": 2, "WM": 3}) -> "pd.DataFrame":
+    """How two label maps of one scan agree, class by class: Dice, each map's volume in mL, and the
+    relative volume gap ``|labels - reference| / reference``.
+
+    For scans without expert labels, ``reference`` is another method's answer (a classical tissue
+    classifier, say): the table measures agreement with it, not accuracy.
+    """
+    import pandas as pd
+
+    ref, lab = np.asarray(reference), np.asarray(labels)
+    if ref.shape != lab.shape:
+        raise ValueError(f"labels: shape {lab.shape} differs from the reference's {ref.shape}")
+    if not voxel_ml > 0:
+        raise ValueError(f"voxel_ml: expected a positive voxel volume, got {voxel_ml}")
+    rows = {}
+    for name, k in classes.items():
+        a, b = ref == k, lab == k
+        ref_ml, lab_ml = float(a.sum() * voxel_ml), float(b.sum() * voxel_ml)
+        rows[name] = {"Dice": 2 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0),
+                      "reference (mL)": ref_ml, "network (mL)": lab_ml,
+                      "volume gap": abs(lab_ml - ref_ml) / ref_ml if ref_ml > 0 else float("inf")}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
 def robustness_study(models: Mapping[str, torch.nn.Module], cases: Sequence[Any], images: torch.Tensor,
                      labels: Any, per_site: int = 1, device: Any = None,
                      seed: int = 0) -> tuple["pd.DataFrame", "pd.DataFrame", "pd.DataFrame"]:
