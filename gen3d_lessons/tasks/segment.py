@@ -11,7 +11,8 @@
 3. :func:`predict` reads any NIfTI file (any orientation, any voxel size), resamples it onto the
    grid the network was trained on (RAS axes, isotropic voxels), runs the network, and carries
    the class probabilities back to the input's grid before taking the most likely class, so the
-   labels line up voxel for voxel with the file that went in;
+   labels line up voxel for voxel with the file that went in; a brain ``mask`` keeps it off skull
+   and scalp (``gen3d segment`` is its command line);
 4. **domain randomisation** in the spirit of SynthSeg (Billot et al. 2023): :func:`synthesize`
    draws training images from label maps alone, with a random intensity per tissue, contrast
    curve, bias field, blur, thick slices, noise, pose and field of view, so that no single
@@ -20,7 +21,8 @@
 5. :func:`train_brain_segmenter`, which chapter 10 of the book uses to train the saved network;
 6. tables that compare segmenters: :func:`score_table` (Dice, HD95 and ASSD of several methods on
    a test set, per volume and summarised per class), :func:`mean_tissue_dice` and
-   :func:`robustness_study` (T1 networks against Otsu, by site and under unseen conditions).
+   :func:`robustness_study` (T1 networks against Otsu, by site and under unseen conditions), and
+   :func:`agreement_table` (two label maps of a real scan that has no expert labels).
 """
 
 from __future__ import annotations
