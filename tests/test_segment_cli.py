@@ -87,6 +87,8 @@ def test_predict_with_a_mask_labels_only_the_brain(tmp_path, model):
         predict(path, model_path=model, mask=_write(tmp_path, "m3.nii.gz", np.ones_like(labels, np.uint8)))
     with pytest.raises(DataError, match="empty"):
         predict(path, model_path=model, mask=np.zeros_like(labels))
+    with pytest.raises(DataError, match="NaN"):
+        predict(path, model_path=model, mask=np.where(labels > 1, 1.0, np.nan))
 
 
 def test_predict_refuses_a_head_without_a_mask(tmp_path, model):

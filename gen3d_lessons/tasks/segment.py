@@ -275,8 +275,8 @@ def _as_mask(mask: Any, shape: tuple[int, ...], affine: np.ndarray, name: str) -
                               "the mask must be on the scan's own grid")
     if m_affine is not None and not np.allclose(m_affine, affine, atol=1e-3):
         raise DataError(None, f"{where}: its affine differs from {name}'s; the mask must be on the scan's own grid")
-    if not np.isfinite(data).all():
-        raise DataError(None, f"{where}: holds NaN or inf values")
+    data = data.astype(np.uint8) if data.dtype == bool else data
+    check_volume(data, where)                                         # a numeric array, no NaN or inf
     m = data > 0.5
     if not m.any():
         raise DataError(None, f"{where}: the mask is empty (no voxel above 0.5)")
@@ -622,17 +622,18 @@ def agreement_table(reference: Any, labels: Any, voxel_ml: float,
     """
     import pandas as pd
 
+    from ..metrics.segmentation import dice
+
     ref, lab = np.asarray(reference), np.asarray(labels)
     if ref.shape != lab.shape:
         raise ValueError(f"labels: shape {lab.shape} differs from the reference's {ref.shape}")
     if not voxel_ml > 0:
         raise ValueError(f"voxel_ml: expected a positive voxel volume, got {voxel_ml}")
+    overlap = dice(lab, ref, labels=dict(classes))                    # NaN for a class neither map holds
     rows = {}
     for name, k in classes.items():
-        a, b = ref == k, lab == k
-        ref_ml, lab_ml = float(a.sum() * voxel_ml), float(b.sum() * voxel_ml)
-        rows[name] = {"Dice": 2 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0),
-                      "reference (mL)": ref_ml, "network (mL)": lab_ml,
+        ref_ml, lab_ml = float((ref == k).sum() * voxel_ml), float((lab == k).sum() * voxel_ml)
+        rows[name] = {"Dice": overlap[name], "reference (mL)": ref_ml, "network (mL)": lab_ml,
                       "volume gap": abs(lab_ml - ref_ml) / ref_ml if ref_ml > 0 else float("inf")}
     return pd.DataFrame.from_dict(rows, orient="index")
 

@@ -130,6 +130,7 @@ def atlas_score(volumes: Any, template_labels: Any, classes: tuple[int, ...] = (
     from scipy import ndimage
 
     from ..baselines.segmentation import brain_mask_from_intensity, classical_tissue_classifier
+    from ..metrics.segmentation import dice
 
     x = volumes.detach().cpu().numpy() if isinstance(volumes, torch.Tensor) else np.asarray(volumes)
     x = x[:, 0] if x.ndim == 5 else x
@@ -144,7 +145,5 @@ def atlas_score(volumes: Any, template_labels: Any, classes: tuple[int, ...] = (
         labels = np.asarray(segment(image))
         m = moment_affine(labels > 0, target > 0)
         aligned = ndimage.affine_transform(labels, m[:3, :3], offset=m[:3, 3], output_shape=target.shape, order=0)
-        dice = [2 * ((aligned == k) & (target == k)).sum() / max((aligned == k).sum() + (target == k).sum(), 1)
-                for k in classes]
-        scores.append(float(np.mean(dice)))
+        scores.append(float(np.nanmean(list(dice(aligned, target, labels=list(classes)).values()))))
     return np.array(scores)

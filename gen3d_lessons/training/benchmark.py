@@ -7,7 +7,7 @@ encoder–decoder of :mod:`gen3d_lessons.models.plain`.
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,22 +18,39 @@ from ..models.plain import PlainEncoderDecoder, PlainNetConfig
 __all__ = ["activation_bytes", "measure_training_step", "cost_ratios"]
 
 
-def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of every layer output in one forward pass: roughly what backprop has to keep."""
+def layer_output_bytes(nets: Sequence[nn.Module], forward: Callable[[], Any]) -> int:
+    """Bytes of every leaf layer's output while ``forward()`` runs the networks ``nets`` (no
+    gradients): roughly what backpropagation through that computation has to keep."""
     total = 0
 
     def hook(_module, _inputs, output):
         nonlocal total
         total += output.numel() * output.element_size()
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for net in nets for m in net.modules() if not list(m.children())]
     try:
         with torch.no_grad():
-            model(x)
+            forward()
     finally:
         for h in handles:
             h.remove()
     return total
+
+
+def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of every layer output in one forward pass: roughly what backprop has to keep."""
+    return layer_output_bytes([model], lambda: model(x))
+
+
+def median_step_seconds(step: Callable[[int], Any], steps: int) -> float:
+    """Median wall time of ``steps`` calls ``step(i)``, after one untimed warm-up call ``step(0)``."""
+    seconds = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        step(i)
+        if i:
+            seconds.append(time.perf_counter() - t0)
+    return float(sorted(seconds)[len(seconds) // 2])
 
 
 def measure_training_step(cfg: PlainNetConfig, size: int, batch: int = 2, steps: int = 3,
@@ -49,17 +66,15 @@ def measure_training_step(cfg: PlainNetConfig, size: int, batch: int = 2, steps:
     x = torch.randn(batch, cfg.in_channels, *([size] * cfg.dims), device=device)  # (B, C, *spatial)
     params = count_parameters(model)
     memory = activation_bytes(model, x) + 4 * 4 * params
-    seconds = []
-    for i in range(steps + 1):                                # step 0 warms up and is not timed
-        t0 = time.perf_counter()
+
+    def step(_i: int) -> None:
         loss = (model(x) - x).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if i:
-            seconds.append(time.perf_counter() - t0)
+
     return {"dims": cfg.dims, "size": size, "voxels": size ** cfg.dims, "params": params,
-            "memory_MB": memory / 2 ** 20, "s_per_step": float(sorted(seconds)[len(seconds) // 2])}
+            "memory_MB": memory / 2 ** 20, "s_per_step": median_step_seconds(step, steps)}
 
 
 def cost_ratios(rows: Sequence[Mapping[str, Any]], edge: int) -> dict[str, float]:

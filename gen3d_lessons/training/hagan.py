@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import time
 from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
@@ -36,6 +35,7 @@ from ..models.gan import Discriminator3D, DiscriminatorConfig, Generator3D, Gene
 from ..models.hagan import HAGANConfig, HAGANGenerator3D, hagan_critics
 from ..profiles import step_cap
 from .batch import batch_tensor
+from .benchmark import layer_output_bytes, median_step_seconds
 from .ema import ema_update
 from .fit import History
 from .gan import _probed_fit, gan_step
@@ -123,35 +123,6 @@ def train_hagan(G: nn.Module, D_low: nn.Module, D_high: nn.Module, batches: Any,
 
 # 2. What a step costs: HA-GAN beside a full-resolution GAN ---------------------------------------
 
-def _layer_output_bytes(nets: Sequence[nn.Module], forward: Callable[[], Any]) -> int:
-    """Bytes of every leaf layer's output while ``forward()`` runs the networks ``nets`` (no gradients)."""
-    total = 0
-
-    def hook(_module, _inputs, output):
-        nonlocal total
-        total += output.numel() * output.element_size()
-
-    handles = [m.register_forward_hook(hook) for net in nets for m in net.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            forward()
-    finally:
-        for h in handles:
-            h.remove()
-    return total
-
-
-def _seconds_per_step(step: Callable[[Mapping[str, Any], int], Any], batch: Mapping[str, Any], steps: int) -> float:
-    """Median wall time of ``steps`` calls of ``step``, after one untimed warm-up call."""
-    seconds = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        step(batch, i)
-        if i:
-            seconds.append(time.perf_counter() - t0)
-    return float(sorted(seconds)[len(seconds) // 2])
-
-
 def step_cost(sizes: Sequence[int] = (32, 64, 128), *, width: int = 32, batch: int = 2, steps: int = 2,
               timed_up_to: int = 64, seed: int = 0):
     """Memory and time of one WGAN-GP training step, HA-GAN beside a full-resolution GAN, per size.
@@ -184,7 +155,7 @@ def step_cost(sizes: Sequence[int] = (32, 64, 128), *, width: int = 32, batch: i
         x = torch.rand(batch, 1, s, s, s, generator=torch.Generator().manual_seed(seed))   # (B, 1, s, s, s)
         z = torch.randn(batch, G.cfg.z_dim, generator=torch.Generator().manual_seed(seed))  # (B, Z)
         # the full-resolution GAN: G(z), D(x), D(G(z))
-        full_bytes = _layer_output_bytes([G, D], lambda: (D(x), D(G(z))))
+        full_bytes = layer_output_bytes([G, D], lambda: (D(x), D(G(z))))
         # HA-GAN: F, G_L(F), one slab G_H(F_slab); D_L on both low volumes, D_H on both slabs
         H = HAGANGenerator3D(HAGANConfig(size=s, channels=g_widths, low=s // 4, slab=2))
         D_L, D_H = hagan_critics(H.cfg, d_widths)
@@ -196,17 +167,18 @@ def step_cost(sizes: Sequence[int] = (32, 64, 128), *, width: int = 32, batch: i
             D_L(F.avg_pool3d(x, r)), D_L(H.low(f))
             D_H(x[:, :, a * r:a * r + t], a * r), D_H(H.slab(f, a), a * r)
 
-        ha_bytes = _layer_output_bytes([H, D_L, D_H], hagan_forward)
+        ha_bytes = layer_output_bytes([H, D_L, D_H], hagan_forward)
         # seconds per step, where asked
         full_s = ha_s = math.nan
         if s <= timed_up_to:
             adam = lambda net: torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.5, 0.9))   # noqa: E731
-            full_s = _seconds_per_step(partial(gan_step, generator=G, discriminator=D, opt_g=adam(G), opt_d=adam(D),
-                                               loss="wgan-gp"), {"image": x}, steps)
+            full_step = partial(gan_step, {"image": x}, generator=G, discriminator=D, opt_g=adam(G), opt_d=adam(D),
+                                loss="wgan-gp")
+            full_s = median_step_seconds(full_step, steps)
             opt_d = torch.optim.Adam(itertools.chain(D_L.parameters(), D_H.parameters()), lr=2e-4, betas=(0.5, 0.9))
-            ha_s = _seconds_per_step(partial(hagan_step, generator=H, critic_low=D_L, critic_high=D_H, opt_g=adam(H),
-                                             opt_d=opt_d, positions=torch.Generator().manual_seed(seed)),
-                                     {"image": x}, steps)
+            ha_s = median_step_seconds(partial(hagan_step, {"image": x}, generator=H, critic_low=D_L, critic_high=D_H,
+                                               opt_g=adam(H), opt_d=opt_d, positions=torch.Generator().manual_seed(seed)),
+                                       steps)
         for model, g, critics, nbytes, sec in (("full-resolution GAN", G, [D], full_bytes, full_s),
                                                ("HA-GAN", H, [D_L, D_H], ha_bytes, ha_s)):
             rows.append({"model": model, "size": s, "activations (MB)": nbytes / 2 ** 20,
