@@ -12,7 +12,8 @@ axes, so every function works on 2D images too.
   Eq. 1, and Wasserstein critic, Eq. 5), :func:`bce_discriminator_loss` / :func:`bce_generator_loss`
   (the non-saturating pair written with binary cross-entropy, as Vox2Vox does),
   :func:`gradient_penalty` (WGAN-GP, Eq. 5), :func:`l1_loss` (pix2pix, Eq. 3) and
-  :func:`cycle_consistency_loss` (CycleGAN, Eq. 4);
+  :func:`cycle_consistency_loss` (CycleGAN, Eq. 4); :func:`sobel_magnitude` and :func:`edge_loss`
+  (Ea-GAN's edge term: the L1 distance between the Sobel gradient magnitudes of two volumes);
 - similarity: :func:`mse_loss` (same contrast), :func:`ncc` / :func:`ncc_loss` (local normalised
   cross-correlation: insensitive to a local gain and offset, so it tolerates bias fields),
   :func:`global_ncc` (one gain and offset for the whole image);
@@ -114,6 +115,40 @@ def l1_loss(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
 def cycle_consistency_loss(x: torch.Tensor, x_cycled: torch.Tensor) -> torch.Tensor:
     """CycleGAN's ``L_cyc`` for one direction: ``E ||F(G(x)) − x||₁``, the :func:`l1_loss` of the round trip."""
     return l1_loss(x, x_cycled)
+
+
+def sobel_magnitude(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The Sobel gradient magnitude of every channel of ``x`` (B, C, D, H, W), same shape.
+
+    Along each axis the 3D Sobel operator takes the central difference ``[-1, 0, 1] / 2`` and
+    smooths the two other axes with ``[1, 2, 1] / 4``; the magnitude is the root of the three
+    squared responses. Edges are replicated, so the border of a volume is not an edge. Used by
+    Ea-GAN (Yu et al. 2019) to make a translator keep the target's edges.
+    """
+    if x.ndim != 5:
+        raise ValueError(f"x: expected volumes (B, C, D, H, W), got shape {tuple(x.shape)}")
+    v = F.pad(x, (1, 1, 1, 1, 1, 1), mode="replicate")                      # (B, C, D+2, H+2, W+2)
+
+    def smooth(u: torch.Tensor, dim: int) -> torch.Tensor:                # [1, 2, 1] / 4 along dim
+        n = u.shape[dim] - 2
+        return 0.25 * u.narrow(dim, 0, n) + 0.5 * u.narrow(dim, 1, n) + 0.25 * u.narrow(dim, 2, n)
+
+    def diff(u: torch.Tensor, dim: int) -> torch.Tensor:                  # [-1, 0, 1] / 2 along dim
+        n = u.shape[dim] - 2
+        return 0.5 * (u.narrow(dim, 2, n) - u.narrow(dim, 0, n))
+
+    squares = 0
+    for axis in (2, 3, 4):
+        g = v
+        for dim in (2, 3, 4):
+            g = diff(g, dim) if dim == axis else smooth(g, dim)
+        squares = squares + g ** 2
+    return torch.sqrt(squares + eps)
+
+
+def edge_loss(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """Ea-GAN's edge term: the :func:`l1_loss` between the :func:`sobel_magnitude` of the two."""
+    return l1_loss(sobel_magnitude(target), sobel_magnitude(output))
 
 
 # 3. Registration: similarity, smoothness, overlap -----------------------------------------------

@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from ..blocks import conv_norm_act
+from .apply import checked_volume, run_on_volume
 
 NORMS = ("group", "batch", "instance", "none")
 
@@ -183,46 +183,6 @@ class Critic3D(nn.Module):
 
 # 3. Using a trained denoiser on one volume -----------------------------------------------------
 
-def _checked_volume(volume: Any, n_channels: int, low: float, high: float) -> torch.Tensor:
-    """``volume`` as a float32 tensor (C, D, H, W), or a ValueError that says what is wrong."""
-    if isinstance(volume, torch.Tensor):
-        x = volume.detach().cpu()
-        if x.is_complex() or x.dtype == torch.bool or not x.is_floating_point():
-            raise ValueError(f"volume: expected floating-point intensities in [0, 1], got dtype {x.dtype}; "
-                             "scale integer scanner values first, e.g. x.float() / x.max()")
-        x = x.float()
-    else:
-        try:
-            a = np.asarray(volume)
-        except Exception as e:  # ragged lists and the like
-            raise ValueError(f"volume: expected a NumPy array or torch tensor, got {type(volume).__name__} ({e})") from e
-        if a.dtype.kind != "f":
-            raise ValueError(f"volume: expected floating-point intensities in [0, 1], got dtype {a.dtype}; "
-                             "scale integer scanner values first, e.g. x.astype(np.float32) / x.max()")
-        x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-    want = "(D, H, W)" if n_channels == 1 else f"({n_channels}, D, H, W)"
-    if x.ndim == 2:
-        raise ValueError(f"volume: got a 2D image of shape {tuple(x.shape)}; the denoiser is 3D and expects "
-                         f"{want}. Stack neighbouring slices into a volume first")
-    if x.ndim == 3 and n_channels == 1:
-        x = x[None]                                                # (1, D, H, W)
-    if x.ndim != 4 or x.shape[0] != n_channels:
-        raise ValueError(f"volume: expected shape {want} for a network with {n_channels} input channel(s), "
-                         f"got {tuple(x.shape)}" + (" (pass one volume at a time, not a batch)" if x.ndim == 5 else ""))
-    if min(x.shape[1:]) < 2:
-        raise ValueError(f"volume: every spatial edge must be at least 2 voxels, got {tuple(x.shape[1:])}")
-    bad = ~torch.isfinite(x)
-    if bad.any():
-        where = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"volume: contains {int(bad.sum())} NaN or infinite values (the first at index {where}); "
-                         "fill or mask them before denoising")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < low or hi > high:
-        raise ValueError(f"volume: intensities span [{lo:.3g}, {hi:.3g}], but the network was trained on [0, 1] "
-                         "images; divide by a high percentile (e.g. the 99.5th inside the brain) first")
-    return x
-
-
 @torch.no_grad()
 def denoise(model: nn.Module, volume: Any, device: torch.device | str | None = None, flips: bool = False,
             intensity_range: tuple[float, float] = (-0.25, 1.25)) -> np.ndarray:
@@ -241,24 +201,7 @@ def denoise(model: nn.Module, volume: Any, device: torch.device | str | None = N
     cfg = getattr(model, "cfg", None)
     if not isinstance(model, nn.Module) or not isinstance(cfg, REDConfig):
         raise ValueError(f"model: expected a RED3D denoiser, got {type(model).__name__}")
-    # 1. check and convert
-    x = _checked_volume(volume, cfg.in_channels, *intensity_range)          # (C, D, H, W)
-    # 2. pad every edge up to a multiple the network accepts (replicate: no artificial dark border)
-    m, shape = model.multiple, x.shape[1:]
-    pad = [(-n) % m for n in shape]
-    x = F.pad(x[None], [p for n in reversed(pad) for p in (0, n)], mode="replicate")   # (1, C, D', H', W')
-    # 3. denoise, crop back, drop the batch (and a single channel)
-    if device is None:
-        device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    x = x.to(device)
-    mirrors = [[a for a, bit in zip((2, 3, 4), (k & 1, k & 2, k & 4)) if bit] for k in range(8 if flips else 1)]
-    y = model(torch.cat([x.flip(axes) for axes in mirrors]))                 # (n mirrors, C_out, D', H', W')
-    y = torch.stack([y[n : n + 1].flip(axes) for n, axes in enumerate(mirrors)]).mean(0)   # back, averaged
-    y = y.cpu()[0, :, : shape[0], : shape[1], : shape[2]]                    # (C_out, D, H, W)
-    model.train(was_training)
-    y = y.numpy().astype(np.float32)
-    if not np.isfinite(y).all():
-        raise ValueError("denoise: the network's output is not finite (a corrupt or diverged model?)")
+    # 1. check and convert; 2. pad, denoise, crop back (see gen3d_lessons.models.apply)
+    x = checked_volume(volume, cfg.in_channels, *intensity_range)              # (C, D, H, W)
+    y = run_on_volume(model, x, model.multiple, device, flips, who="denoise")  # (C_out, D, H, W)
     return y[0] if cfg.n_out == 1 else y

@@ -16,7 +16,8 @@ scores, each to be *minimised*:
 
 A condition ``c`` (survey Eq. 2) goes to both networks: ``D(x, c)``, ``G(z, c)``.
 
-:func:`gan_step` trains Eq. 1, 2 and 5; :func:`pix2pix_step` Eq. 3; :func:`cyclegan_step` Eq. 4;
+:func:`gan_step` trains Eq. 1, 2 and 5; :func:`pix2pix_step` Eq. 3 (and Ea-GAN's edge terms);
+:func:`l1_step` pix2pix's generator with its L1 term alone; :func:`cyclegan_step` Eq. 4;
 :func:`alpha_gan_step` the 3D-α-WGAN-GP of chapter 7 (an autoencoder, a GAN and a code critic).
 Each owns its two optimizers and returns what it measured; bind the networks and optimizers with
 :func:`functools.partial` and hand it to :func:`~gen3d_lessons.training.fit`::
@@ -26,7 +27,8 @@ Each owns its two optimizers and returns what it measured; bind the networks and
 
 :func:`train_gan` does that for chapter 3's recipe (Adam with the settings of :data:`ADAM`, an EMA
 generator, a probe) on the batches of :func:`gan_batches`; :func:`probe_summary` reads its probe
-back. :func:`train_pix2pix` and :func:`train_cyclegan` are the same for Eq. 3 and Eq. 4.
+back. :func:`train_pix2pix`, :func:`train_l1` and :func:`train_cyclegan` are the same for Eq. 3, its L1
+term alone, and Eq. 4.
 
 A batch is a dict with ``"image"`` (B, C, D, H, W) and, for a conditional GAN, ``"condition"``
 (B, K); pix2pix and CycleGAN batches hold ``"x"`` and ``"y"``.
@@ -44,14 +46,16 @@ import torch
 from torch import nn
 
 from ..data.batches import Batches
-from ..losses import cycle_consistency_loss, discriminator_loss, generator_loss, gradient_penalty, l1_loss
+from ..losses import (cycle_consistency_loss, discriminator_loss, edge_loss, generator_loss, gradient_penalty, l1_loss,
+                      sobel_magnitude)
 from ..profiles import step_cap
 from .batch import batch_tensor
 from .ema import ema_update
 from .fit import History, fit
+from .segmentation import one_cycle
 
 __all__ = ["LOSSES", "ADAM", "gan_step", "alpha_gan_step", "pix2pix_step", "cyclegan_step", "gan_batches", "train_gan",
-           "train_alpha_gan", "probe_summary", "train_pix2pix", "train_cyclegan"]
+           "train_alpha_gan", "probe_summary", "train_pix2pix", "train_cyclegan", "l1_step", "train_l1"]
 
 LOSSES = ("ns", "wgan-gp")          # the losses gan_step trains (see gen3d_lessons.losses)
 
@@ -160,30 +164,63 @@ def alpha_gan_step(batch: Mapping[str, Any], i: int, *, generator: nn.Module, en
 
 
 def pix2pix_step(batch: Mapping[str, Any], i: int, *, generator: nn.Module, discriminator: nn.Module,
-                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, l1_weight: float = 100.0
-                 ) -> dict[str, float]:
+                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, l1_weight: float = 100.0,
+                 edge_weight: float = 0.0, critic_edges: bool = False, critic_warmup: int = 0) -> dict[str, float]:
     """One step of pix2pix (survey Eq. 3): ``D(x, y)`` judges pairs; ``G(x)`` must fool it and stay
     within L1 of the paired target ``y`` (weight λ = ``l1_weight``). The randomness ``z`` of
-    Eq. 3 is, as in the paper, left to the generator's dropout (none here: G is deterministic)."""
+    Eq. 3 is, as in the paper, left to the generator's dropout (none here: G is deterministic).
+
+    Ea-GAN (Yu et al. 2019) adds edges: ``edge_weight`` > 0 adds ``edge_weight · E |S(y) − S(G(x))|``
+    to the generator's loss, with ``S`` the Sobel gradient magnitude (gEa-GAN), and
+    ``critic_edges=True`` also hands ``S`` of the judged volume to the critic, ``D(x, y, S(y))``
+    (dEa-GAN), so that it can judge edges directly.
+
+    During the first ``critic_warmup`` steps only the critic learns: a generator that starts from
+    L1-trained weights would otherwise follow the gradients of a critic that knows nothing yet."""
     G, D = generator, discriminator
     device = next(G.parameters()).device
     # 1. a paired batch: source x and target y, (B, C, D, H, W) each
     x, y = batch_tensor(batch, "x", device), batch_tensor(batch, "y", device)
     G.train(), D.train()
-    # 2. discriminator on (x, y) real pairs and (x, G(x)) fake pairs
-    y_fake = G(x)
-    d_loss = discriminator_loss(D(x, y), D(x, y_fake.detach()), "ns")
+    judge = (lambda v: D(x, v, sobel_magnitude(v))) if critic_edges else (lambda v: D(x, v))
+    # 2. discriminator on (x, y) real pairs and (x, G(x)) fake pairs (no graph of G while it waits)
+    with torch.set_grad_enabled(i >= critic_warmup):
+        y_fake = G(x)
+    d_loss = discriminator_loss(judge(y), judge(y_fake.detach()), "ns")
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_d.step()
-    # 3. generator: adversarial + λ ||y − G(x)||₁
-    adv = generator_loss(D(x, y_fake), "ns")
+    if i < critic_warmup:
+        return {"d_loss": d_loss.item()}
+    # 3. generator: adversarial + λ ||y − G(x)||₁ (+ the edge term)
+    adv = generator_loss(judge(y_fake), "ns")
     l1 = l1_loss(y, y_fake)
     g_loss = adv + l1_weight * l1
+    out = {"d_loss": d_loss.item(), "g_adv": adv.item(), "l1": l1.item()}
+    if edge_weight:
+        edge = edge_loss(y, y_fake)
+        g_loss = g_loss + edge_weight * edge
+        out["edge"] = edge.item()
     opt_g.zero_grad(set_to_none=True)
     g_loss.backward()
     opt_g.step()
-    return {"d_loss": d_loss.item(), "g_adv": adv.item(), "l1": l1.item()}
+    return out
+
+
+def l1_step(batch: Mapping[str, Any], i: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: Any = None) -> dict[str, float]:
+    """pix2pix's generator with its L1 term alone, ``E ||y − G(x)||₁``: the network that pix2pix
+    is measured against (and starts from). ``scheduler``, if any, is stepped once per step."""
+    device = next(model.parameters()).device
+    x, y = batch_tensor(batch, "x", device), batch_tensor(batch, "y", device)
+    model.train()
+    l1 = l1_loss(y, model(x))
+    optimizer.zero_grad(set_to_none=True)
+    l1.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return {"l1": l1.item()}
 
 
 def cyclegan_step(batch: Mapping[str, Any], i: int, *, generator_xy: nn.Module, generator_yx: nn.Module,
@@ -332,14 +369,27 @@ def train_alpha_gan(G: nn.Module, E: nn.Module, D: nn.Module, C: nn.Module, batc
 
 
 def train_pix2pix(G: nn.Module, D: nn.Module, batches: Any, *, max_steps: int, lr: float = 2e-3,
-                  betas: tuple[float, float] = (0.5, 0.999), l1_weight: float = 100.0, budget_s: float | None = None,
-                  desc: str = "pix2pix") -> History:
-    """Adam for ``G`` and ``D`` (one learning rate and ``betas`` each) and :func:`fit` over
-    :func:`pix2pix_step` on batches ``{"x": source, "y": target}``. Returns the history (``l1``,
-    ``g_adv``, ``d_loss`` per step); ``G`` and ``D`` are trained in place."""
+                  betas: tuple[float, float] = (0.5, 0.999), l1_weight: float = 100.0, edge_weight: float = 0.0,
+                  critic_edges: bool = False, critic_warmup: int = 0, lr_d: float | None = None,
+                  budget_s: float | None = None, desc: str = "pix2pix") -> History:
+    """Adam for ``G`` and ``D`` (``lr``, and ``lr_d`` for ``D`` if given; ``betas`` each) and
+    :func:`fit` over :func:`pix2pix_step` on batches ``{"x": source, "y": target}``; with
+    ``edge_weight`` and ``critic_edges``, Ea-GAN; the critic learns alone for ``critic_warmup``
+    of the ``max_steps``. Returns the history (``d_loss`` per step, ``l1``, ``g_adv`` and ``edge``
+    at the generator's steps); ``G`` and ``D`` are trained in place."""
     opt_g = torch.optim.Adam(G.parameters(), lr, betas=betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr, betas=betas)
-    step = partial(pix2pix_step, generator=G, discriminator=D, opt_g=opt_g, opt_d=opt_d, l1_weight=l1_weight)
+    opt_d = torch.optim.Adam(D.parameters(), lr if lr_d is None else lr_d, betas=betas)
+    step = partial(pix2pix_step, generator=G, discriminator=D, opt_g=opt_g, opt_d=opt_d, l1_weight=l1_weight,
+                   edge_weight=edge_weight, critic_edges=critic_edges, critic_warmup=critic_warmup)
+    return fit(step, batches, max_steps=max_steps, budget_s=budget_s, desc=desc)
+
+
+def train_l1(G: nn.Module, batches: Any, *, max_steps: int, lr: float, budget_s: float | None = None,
+             desc: str = "L1") -> History:
+    """Adam with a one-cycle learning rate that peaks at ``lr``, and :func:`fit` over
+    :func:`l1_step` on batches ``{"x", "y"}``. Returns the history (``l1`` per step)."""
+    optimizer = torch.optim.Adam(G.parameters(), lr)
+    step = partial(l1_step, model=G, optimizer=optimizer, scheduler=one_cycle(optimizer, max_steps))
     return fit(step, batches, max_steps=max_steps, budget_s=budget_s, desc=desc)
 
 
