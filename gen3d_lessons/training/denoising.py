@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import discriminator_loss, generator_loss, gradient_penalty
+from ..profiles import step_cap
 from .fit import History, fit
 from .segmentation import one_cycle
 
@@ -139,28 +140,31 @@ def red_wgan_step(batch: Mapping[str, Any], i: int, *, generator: nn.Module, dis
 # 4. The chapter's two recipes, and how a run's curve moved -------------------------------------
 
 def train_mse(model: nn.Module, batches: Any, *, lr: float, max_steps: int, budget_s: float | None = None,
-              desc: str = "RED (MSE)") -> History:
+              desc: str = "RED (MSE)", inputs: str = "lowdose", target: str = "image") -> History:
     """Adam with a one-cycle learning rate that peaks at ``lr`` (it warms up over the first 10 %
     of ``max_steps``, then anneals), and :func:`fit` over :func:`mse_step`. ``model`` trains in
-    place; returns the history (``mse`` per step). ``budget_s`` is ``fit``'s fuse."""
+    place; returns the history (``mse`` per step). ``budget_s`` is ``fit``'s fuse; ``inputs``
+    and ``target`` name the batch's tensors (chapter 9's super-resolution: ``"thick"``)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = one_cycle(optimizer, max_steps)
-    step = partial(mse_step, model=model, optimizer=optimizer, scheduler=scheduler)
+    step = partial(mse_step, model=model, optimizer=optimizer, scheduler=scheduler, inputs=inputs, target=target)
     return fit(step, batches, max_steps=max_steps, budget_s=budget_s, desc=desc)
 
 
 def train_red_wgan(generator: nn.Module, critic: nn.Module, batches: Any, *, max_steps: int, lr_g: float = 5e-5,
                    lr_c: float = 1e-3, betas: tuple[float, float] = (0.5, 0.9), adv_weight: float = 1e-3,
                    gp_weight: float = 10.0, critic_warmup: int = 0, budget_s: float | None = None,
-                   desc: str = "RED-WGAN") -> History:
+                   desc: str = "RED-WGAN", inputs: str = "lowdose", target: str = "image") -> History:
     """One Adam each for ``generator`` and ``critic`` (WGAN-GP's ``betas``), and :func:`fit` over
     :func:`red_wgan_step`: the critic learns alone for ``critic_warmup`` steps, then both.
     Both networks train in place; returns the history (``w_dist`` and ``gp`` every step, ``mse``
-    and ``adv`` at the generator's steps). ``budget_s`` is ``fit``'s fuse."""
+    and ``adv`` at the generator's steps). ``budget_s`` is ``fit``'s fuse; ``inputs`` and
+    ``target`` name the batch's tensors."""
     opt_g = torch.optim.Adam(generator.parameters(), lr=lr_g, betas=betas)
     opt_c = torch.optim.Adam(critic.parameters(), lr=lr_c, betas=betas)
+    critic_warmup = max(min(critic_warmup, step_cap(max_steps) - 1), 0)   # a dry run's cap still leaves G a step
     step = partial(red_wgan_step, generator=generator, discriminator=critic, opt_g=opt_g, opt_d=opt_c,
-                   adv_weight=adv_weight, gp_weight=gp_weight, critic_warmup=critic_warmup)
+                   adv_weight=adv_weight, gp_weight=gp_weight, critic_warmup=critic_warmup, inputs=inputs, target=target)
     return fit(step, batches, max_steps=max_steps, budget_s=budget_s, desc=desc)
 
 

@@ -379,6 +379,7 @@ def train_pix2pix(G: nn.Module, D: nn.Module, batches: Any, *, max_steps: int, l
     at the generator's steps); ``G`` and ``D`` are trained in place."""
     opt_g = torch.optim.Adam(G.parameters(), lr, betas=betas)
     opt_d = torch.optim.Adam(D.parameters(), lr if lr_d is None else lr_d, betas=betas)
+    critic_warmup = max(min(critic_warmup, step_cap(max_steps) - 1), 0)   # a dry run's cap still leaves G a step
     step = partial(pix2pix_step, generator=G, discriminator=D, opt_g=opt_g, opt_d=opt_d, l1_weight=l1_weight,
                    edge_weight=edge_weight, critic_edges=critic_edges, critic_warmup=critic_warmup)
     return fit(step, batches, max_steps=max_steps, budget_s=budget_s, desc=desc)
