@@ -244,7 +244,25 @@ def test_cyclegan_step_trains_two_generators_and_two_discriminators():
                         generator_xy=nets[0], generator_yx=nets[1], discriminator_x=critics[0],
                         discriminator_y=critics[1], opt_g=og, opt_d=od)
     assert all(_changed(b, m) for b, m in zip(before, nets + critics))
-    assert out["cycle"] > 0 and {"d_loss", "g_adv"} <= set(out)
+    assert out["cycle"] > 0 and {"d_loss", "g_adv"} <= set(out) and "identity" not in out
+
+
+def test_cyclegan_identity_loss_is_zero_for_identity_generators():
+    class Same(torch.nn.Module):                     # a generator that returns its input (plus a trainable zero)
+        def __init__(self):
+            super().__init__()
+            self.zero = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, v):
+            return v + self.zero
+
+    nets, critics = [Same(), Same()], [PatchCritic3D(PatchDiscriminatorConfig(in_channels=1, features=(4, 8))) for _ in range(2)]
+    og = torch.optim.Adam(itertools.chain(*(n.parameters() for n in nets)), 1e-3)
+    od = torch.optim.Adam(itertools.chain(*(c.parameters() for c in critics)), 1e-3)
+    out = cyclegan_step({"x": torch.rand(2, 1, S, S, S), "y": torch.rand(2, 1, S, S, S)}, 0,
+                        generator_xy=nets[0], generator_yx=nets[1], discriminator_x=critics[0],
+                        discriminator_y=critics[1], opt_g=og, opt_d=od, identity_weight=5.0)
+    assert out["identity"] == pytest.approx(0.0, abs=1e-7) and out["cycle"] == pytest.approx(0.0, abs=1e-7)
 
 
 # StyleGAN2 pieces -------------------------------------------------------------------------------

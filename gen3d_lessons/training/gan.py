@@ -225,13 +225,17 @@ def l1_step(batch: Mapping[str, Any], i: int, *, model: nn.Module, optimizer: to
 
 def cyclegan_step(batch: Mapping[str, Any], i: int, *, generator_xy: nn.Module, generator_yx: nn.Module,
                   discriminator_x: nn.Module, discriminator_y: nn.Module, opt_g: torch.optim.Optimizer,
-                  opt_d: torch.optim.Optimizer, cycle_weight: float = 10.0) -> dict[str, float]:
+                  opt_d: torch.optim.Optimizer, cycle_weight: float = 10.0, identity_weight: float = 0.0
+                  ) -> dict[str, float]:
     """One step of CycleGAN (survey Eq. 4) on *unpaired* volumes x (domain X) and y (domain Y).
 
     ``G = generator_xy: X → Y`` and ``F_ = generator_yx: Y → X`` (``F_`` because ``F`` is
     torch.nn.functional here); ``D_y = discriminator_y`` judges volumes of Y, ``D_x`` of X.
     ``opt_g`` holds both generators' parameters and ``opt_d`` both discriminators'. Loss of the
-    generators: ``L_GAN(G, D_y) + L_GAN(F_, D_x) + λ (||F_(G(x)) − x||₁ + ||G(F_(y)) − y||₁)``.
+    generators: ``L_GAN(G, D_y) + L_GAN(F_, D_x) + λ (||F_(G(x)) − x||₁ + ||G(F_(y)) − y||₁)``,
+    plus, with ``identity_weight`` μ > 0, the identity loss of Zhu et al. (2017),
+    ``μ (||G(y) − y||₁ + ||F_(x) − x||₁)``: a volume already in a generator's target domain should
+    pass through it unchanged, which discourages changes that the cycle alone would allow.
     """
     G, F_, D_x, D_y = generator_xy, generator_yx, discriminator_x, discriminator_y      # the paper's names
     device = next(G.parameters()).device
@@ -244,6 +248,11 @@ def cyclegan_step(batch: Mapping[str, Any], i: int, *, generator_xy: nn.Module, 
     adv = generator_loss(D_y(y_fake), "ns") + generator_loss(D_x(x_fake), "ns")
     cyc = cycle_consistency_loss(x, F_(y_fake)) + cycle_consistency_loss(y, G(x_fake))
     g_loss = adv + cycle_weight * cyc
+    out = {}
+    if identity_weight:
+        idt = l1_loss(y, G(y)) + l1_loss(x, F_(x))
+        g_loss = g_loss + identity_weight * idt
+        out["identity"] = idt.item()
     opt_g.zero_grad(set_to_none=True)
     g_loss.backward()
     opt_g.step()
@@ -253,7 +262,7 @@ def cyclegan_step(batch: Mapping[str, Any], i: int, *, generator_xy: nn.Module, 
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_d.step()
-    return {"d_loss": d_loss.item(), "g_adv": adv.item(), "cycle": cyc.item()}
+    return {"d_loss": d_loss.item(), "g_adv": adv.item(), "cycle": cyc.item(), **out}
 
 
 # 2. One adversarial run, end to end -------------------------------------------------------------
@@ -396,12 +405,14 @@ def train_l1(G: nn.Module, batches: Any, *, max_steps: int, lr: float, budget_s:
 
 def train_cyclegan(G_xy: nn.Module, G_yx: nn.Module, D_x: nn.Module, D_y: nn.Module, batches: Any, *,
                    max_steps: int, lr: float = 2e-4, betas: tuple[float, float] = (0.9, 0.999),
-                   cycle_weight: float = 10.0, budget_s: float | None = None, desc: str = "CycleGAN") -> History:
+                   cycle_weight: float = 10.0, identity_weight: float = 0.0, budget_s: float | None = None,
+                   desc: str = "CycleGAN") -> History:
     """One Adam for both generators ``G_xy: X → Y``, ``G_yx: Y → X`` and one for both
     discriminators, and :func:`fit` over :func:`cyclegan_step` on unpaired batches ``{"x", "y"}``.
-    Returns the history (``cycle``, ``g_adv``, ``d_loss`` per step); the networks train in place."""
+    Returns the history (``cycle``, ``g_adv``, ``d_loss``, and ``identity`` if weighted, per step);
+    the networks train in place."""
     opt_g = torch.optim.Adam(itertools.chain(G_xy.parameters(), G_yx.parameters()), lr, betas=betas)
     opt_d = torch.optim.Adam(itertools.chain(D_x.parameters(), D_y.parameters()), lr, betas=betas)
     step = partial(cyclegan_step, generator_xy=G_xy, generator_yx=G_yx, discriminator_x=D_x, discriminator_y=D_y,
-                   opt_g=opt_g, opt_d=opt_d, cycle_weight=cycle_weight)
+                   opt_g=opt_g, opt_d=opt_d, cycle_weight=cycle_weight, identity_weight=identity_weight)
     return fit(step, batches, max_steps=max_steps, budget_s=budget_s, desc=desc)
