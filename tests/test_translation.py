@@ -206,3 +206,19 @@ def test_tissue_means_and_edge_error():
     ramp = np.tile(np.arange(8.0), (8, 8, 1))
     assert edge_error(ramp, ramp, np.ones_like(ramp)) == 0.0
     assert edge_error(2 * ramp, ramp, np.ones_like(ramp)) > 0.5
+
+
+def test_load_paired_models_round_trip_and_a_clear_error(tmp_path):
+    from gen3d_lessons.models.unet import UNet3D, UNetConfig
+    from gen3d_lessons.tasks.translate import load_paired_models
+    from gen3d_lessons.training import save_model
+
+    with pytest.raises(FileNotFoundError, match="ch09_translation"):
+        load_paired_models(tmp_path, "_smoke")
+    G, seg = _translator(), UNet3D(UNetConfig(1, 4, (4, 8)))
+    save_model(tmp_path / "ch09_pix2pix_smoke.pt", G, G.cfg)
+    save_model(tmp_path / "ch09_t2_segmenter_smoke.pt", seg, seg.cfg)
+    G2, seg2 = load_paired_models(tmp_path, "_smoke")
+    t1 = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32)
+    assert G2.cfg == G.cfg and np.allclose(translate(G2, t1)["T2"], translate(G, t1)["T2"])
+    assert all(torch.equal(a, b) for a, b in zip(seg.state_dict().values(), seg2.state_dict().values()))

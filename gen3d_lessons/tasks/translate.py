@@ -14,12 +14,15 @@ the ``T`` target contrasts:
   method reproduces (a synthesis that erases lesions can still score a high PSNR);
 - :func:`segmenter_table`: the mean tissue Dice of one segmenter on each method's synthetic
   images, beside its Dice on the real ones: does the synthetic image do the job of the real one?
-- :func:`translation_metrics`: all of these as the flat numbers that ``record`` keeps.
+- :func:`translation_metrics`: all of these as the flat numbers that ``record`` keeps;
+- :func:`load_paired_models`: the pix2pix translator and the T2 segmenter that the first page of
+  chapter 9 saves, for the unpaired page to measure CycleGAN against.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -31,7 +34,8 @@ from ..losses import sobel_magnitude
 from ..metrics.image import detail_scores, nmse, scores
 from ..metrics.segmentation import dice
 
-__all__ = ["tissue_means", "edge_error", "image_table", "lesion_table", "segmenter_table", "translation_metrics"]
+__all__ = ["tissue_means", "edge_error", "image_table", "lesion_table", "segmenter_table", "translation_metrics",
+           "load_paired_models"]
 
 
 def _check(outputs: Mapping[str, Sequence[Any]], targets: Sequence[Any], contrasts: Sequence[str]) -> None:
@@ -168,3 +172,23 @@ def translation_metrics(images: pd.DataFrame, segmenter: pd.DataFrame, lesions: 
     out |= {f"T2 segmenter Dice, {name}": float(v) for name, v in segmenter["mean"].items()}
     out |= {f"FLAIR lesion contrast share, {name}": float(v) for name, v in lesions["share of the real contrast"].items()}
     return out | {f"training s, {name}": float(h.seconds) for name, h in histories.items()}
+
+
+def load_paired_models(folder: str | Path, suffix: str = "", device: Any = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The pix2pix translator and the T2 tissue segmenter that chapter 9's first page
+    (``ch09_translation``) saves as ``folder/ch09_pix2pix{suffix}.pt`` and
+    ``folder/ch09_t2_segmenter{suffix}.pt``, rebuilt in eval mode. A missing file raises a
+    ``FileNotFoundError`` that says which page makes it."""
+    from ..models.translation import Translator, TranslatorConfig
+    from ..models.unet import UNet3D, UNetConfig
+    from ..training import load_model
+
+    builds = {"pix2pix": lambda c: Translator(TranslatorConfig(**c)), "t2_segmenter": lambda c: UNet3D(UNetConfig(**c))}
+    models = []
+    for name, build in builds.items():
+        path = Path(folder) / f"ch09_{name}{suffix}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found; chapter 9's first page saves it: run it first "
+                                    f"(gen3d run ch09_translation)")
+        models.append(load_model(path, build, device))
+    return models[0], models[1]
