@@ -23,7 +23,11 @@ Chapter 4 asks two:
   inside the brain (RMSE, the share of the true change explained, the change correlation) and by
   the age the book's yardstick encoder reads off it;
 - :func:`age_counterfactuals`: question 2 for a cohort, the deep SCM against the voxel-wise age
-  model and doing nothing, judged.
+  model and doing nothing, judged;
+- :func:`load_scm`: chapter 4's deep SCM rebuilt from the CVAE that chapter 4 saves (chapter 9
+  compares its answers with a deformation model's);
+- :func:`age_reader`: the yardstick encoder's age head as a differentiable, frozen function of
+  the volumes (the age regressor that trains chapter 9's ageing network).
 
 Shapes: volumes ``x: (B, 1, D, H, W)``, masks the same (bool), ``age, ventricles: (B,)``.
 """
@@ -45,7 +49,8 @@ from ..metrics.image import reconstruction_scores
 from ..models.scm import DeepSCM, VoxelwiseAgeModel
 from .yardstick import YardstickEncoder, to_encoder_size
 
-__all__ = ["Cohort", "load_cohort", "copy_test", "phantom_at_age", "age_counterfactuals", "judge_counterfactuals"]
+__all__ = ["Cohort", "load_cohort", "copy_test", "phantom_at_age", "age_counterfactuals", "judge_counterfactuals",
+           "load_scm", "age_reader"]
 
 
 @dataclass
@@ -222,3 +227,42 @@ def judge_counterfactuals(answers: Mapping[str, torch.Tensor], observed: torch.T
                 "encoder's age": float(encoder.predict(to_encoder_size(x_cf, encoder))["age"].mean())}
 
     return pd.DataFrame({name: judge(x_cf) for name, x_cf in answers.items()}).T
+
+
+def load_scm(folder: str | Path, train: Cohort, suffix: str = "", device: Any = None) -> DeepSCM:
+    """Chapter 4's deep SCM: the CVAE it saves as ``folder/ch04_cvae{suffix}.pt`` and the volume
+    mechanism fitted again to ``train`` (the same training cohort, so the same fit). A missing file
+    raises a ``FileNotFoundError`` that says which page makes it."""
+    from ..models.vae import VAE3D, VAEConfig
+    from ..training import load_model
+
+    path = Path(folder) / f"ch04_cvae{suffix}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; chapter 4 saves it: run it first (gen3d run ch04_autoencoders)")
+    cvae = load_model(path, lambda c: VAE3D(VAEConfig(**c)), device)
+    return DeepSCM.from_cohort(train.age, train.ventricles, image_model=cvae)
+
+
+class _AgeReader(torch.nn.Module):
+    """Volumes (B, 1, size³) -> the encoder's age (B,) in years, with gradients to the input only."""
+
+    def __init__(self, encoder: YardstickEncoder):
+        super().__init__()
+        self.model = encoder.model.eval().requires_grad_(False)
+        self.mean, self.std = float(encoder.targets["age_mean"]), float(encoder.targets["age_std"])
+        self.size = encoder.config.size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5 or x.shape[1] != 1:
+            raise ValueError(f"x: the age reader takes volumes (B, 1, D, H, W), got {tuple(x.shape)}")
+        if tuple(x.shape[2:]) != (self.size,) * 3:                          # trilinear, as to_encoder_size
+            x = F.interpolate(x, size=(self.size,) * 3, mode="trilinear", align_corners=False)
+        self.model.eval()
+        return self.model(x)["age"] * self.std + self.mean
+
+
+def age_reader(encoder: YardstickEncoder) -> torch.nn.Module:
+    """The yardstick encoder's age head, frozen, as a module ``x -> age (B,)`` in years that
+    gradients flow through (to the volumes, not to the encoder); volumes of another size are
+    resampled to the encoder's first (trilinear)."""
+    return _AgeReader(encoder)
