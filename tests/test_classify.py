@@ -151,3 +151,15 @@ def test_image_cnn_learns_bright_from_dark():
     assert (cnn.predict_proba(x).argmax(1) == y).float().mean() == 1.0
     with pytest.raises(ValueError, match=r"expected images \(B, 2, D, H, W\)"):
         cnn(x[:, :1])
+
+
+def test_a_saved_classifier_comes_back_and_a_missing_one_names_the_page(tmp_path):
+    from gen3d_lessons.training import save_model
+
+    m = _model()
+    save_model(tmp_path / "clf.pt", m, m.cfg)
+    back = C.load_classifier(tmp_path / "clf.pt")
+    ed, es = _box_heart()
+    assert C.classify(back, ed, es) == C.classify(m, ed, es)
+    with pytest.raises(FileNotFoundError, match="gen3d run ch08_classification"):
+        C.load_classifier(tmp_path / "nothing.pt")

@@ -12,7 +12,8 @@ the scores, a latent path that explains a classifier, and :func:`classify` for a
   :class:`~gen3d_lessons.models.shape_classifier.ShapeVAEClassifier`'s log-probability of a
   class, decoded; :func:`path_trend` says whether a measurement moves monotonically along it;
 - :func:`classify`: one heart's ED and ES label maps -> its class and the probabilities, with a
-  one-line error for whatever does not fit the model.
+  one-line error for whatever does not fit the model; :func:`load_classifier` reads back the
+  model that chapter 8 saves.
 
 Label maps follow ACDC (0 background, 1 RV, 2 MYO, 3 LV); volumes are ``(N, 2, D, H, W)``
 (ED, ES) and ``spacing`` is the voxel size in mm (x, y, z).
@@ -30,7 +31,7 @@ from ..data.heart import HEART_CLASSES, HeartConfig, make_heart_subject
 from ..progress import progress
 
 __all__ = ["HeartShapes", "heart_shapes", "FEATURES", "clinical_features", "class_scores", "score_table", "latent_path",
-           "path_trend", "classify"]
+           "path_trend", "classify", "load_classifier"]
 
 FEATURES = ("LV EDV (ml)", "LV ESV (ml)", "RV EDV (ml)", "RV ESV (ml)", "LV EF (%)", "RV EF (%)",
             "myocardial mass (g)", "max wall thickness (mm)")
@@ -222,3 +223,17 @@ def classify(model: torch.nn.Module, ed: Any, es: Any, classes: Sequence[str] = 
         raise ValueError(f"classes: expected {model.cfg.classes} names (the model's classes), got {len(classes)}")
     p = model.predict_proba(labels)[0]
     return {"class": classes[int(p.argmax())], "probabilities": {c: float(q) for c, q in zip(classes, p)}}
+
+
+def load_classifier(path: Any, device: Any = None) -> torch.nn.Module:
+    """The :class:`~gen3d_lessons.models.shape_classifier.ShapeVAEClassifier` saved at ``path`` (chapter 8
+    saves ``data/models/ch08_shape_vae.pt``), in eval mode; a missing file names the page that makes it."""
+    from pathlib import Path
+
+    from ..models.shape_classifier import ShapeVAEClassifier, ShapeVAEConfig
+    from ..training import load_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; chapter 8 saves its classifier: run it first (gen3d run ch08_classification)")
+    return load_model(path, lambda c: ShapeVAEClassifier(ShapeVAEConfig(**c)), device)
