@@ -979,3 +979,26 @@ def plot_distributions(table: Any, value: str, *, group: str = "class", source: 
         a.set(title=str(g), xlabel=f"{value} ({unit})" if unit else value, yticks=[])
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return _done(fig)
+
+
+def plot_by_budget(table: Any, panels: Mapping[str, Sequence[str]], *, budget: str = "labelled per class",
+                   method: str = "method", value: str = "balanced accuracy") -> Figure:
+    """A score against the number of labels (chapter 8's few-label study): one panel per entry of
+    ``panels`` ``{title: methods}``, one line per method, the mean over draws with the standard
+    deviation as error bars. ``table``: a long pandas DataFrame with columns ``budget``, ``method``
+    and ``value`` (one row per draw)."""
+    if not hasattr(table, "groupby") or {budget, method, value} - set(table.columns):
+        raise ValueError(f"table: expected a DataFrame with columns {budget!r}, {method!r} and {value!r}")
+    stats = table.groupby([method, budget])[value].agg(["mean", "std"]).fillna(0.0)
+    missing = [m for methods in panels.values() for m in methods if m not in stats.index.get_level_values(0)]
+    if not panels or missing:
+        raise ValueError(f"panels: method {missing[0]!r} is not in the table" if missing else "panels: expected {title: methods}")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), dpi=DPI, squeeze=False, sharey=True)
+    for a, (title, methods) in zip(axes[0], panels.items()):
+        for m in methods:
+            s = stats.loc[m]
+            a.errorbar(s.index.to_numpy(), s["mean"], yerr=s["std"], marker="o", ms=3, capsize=3, label=m)
+        a.set(title=title, xlabel=budget, xticks=sorted(table[budget].unique()))
+        a.legend(fontsize=7)
+    axes[0][0].set_ylabel(f"{value} (mean ± std over draws)")
+    return _done(fig)

@@ -109,21 +109,28 @@ class ImageCNNConfig:
     in_channels: int = 2                        # ED and ES images
     classes: int = 5
     channels: tuple[int, ...] = (16, 32, 64)    # one stride-2 convolution each
+    norm: str = "instance"                      # "instance" | "batch" | "none" (see ImageCNN3D)
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         if self.in_channels < 1 or self.classes < 2 or not self.channels or min(self.channels) < 1:
             raise ValueError(f"ImageCNNConfig: expected in_channels >= 1, classes >= 2 and positive channels, got {self}")
+        if self.norm not in ("instance", "batch", "none"):
+            raise ValueError(f"ImageCNNConfig.norm: expected 'instance', 'batch' or 'none', got {self.norm!r}")
 
 
 class ImageCNN3D(nn.Module):
-    """Images (B, C, D, H, W) -> class logits (B, classes): strided conv blocks, global mean, linear."""
+    """Images (B, C, D, H, W) -> class logits (B, classes): strided conv blocks, global mean, linear.
+
+    Instance normalisation suits images whose brightness varies from scan to scan; on one-hot label
+    maps it would remove what matters (how much of each structure there is: the mean of a normalised
+    channel is zero), so a classifier of label maps takes ``norm="batch"``."""
 
     def __init__(self, cfg: ImageCNNConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or ImageCNNConfig()
         widths = (cfg.in_channels, *cfg.channels)
-        self.features = nn.Sequential(*[conv_norm_act(a, b, stride=2, norm="instance")
+        self.features = nn.Sequential(*[conv_norm_act(a, b, stride=2, norm=cfg.norm)
                                         for a, b in zip(widths[:-1], widths[1:])])
         self.head = nn.Linear(cfg.channels[-1], cfg.classes)
 

@@ -13,7 +13,11 @@ the scores, a latent path that explains a classifier, and :func:`classify` for a
   class, decoded; :func:`path_trend` says whether a measurement moves monotonically along it;
 - :func:`classify`: one heart's ED and ES label maps -> its class and the probabilities, with a
   one-line error for whatever does not fit the model; :func:`load_classifier` reads back the
-  model that chapter 8 saves.
+  model that chapter 8 saves;
+- few labels (the section on them): :func:`labelled_subset` draws a few hearts per class,
+  :func:`random_warps` is the classical augmentation, :func:`few_label_draw` trains a generator of
+  new hearts on the few and the classifiers with and without its hearts; :func:`segment_hearts`
+  turns images into the label maps a classifier reads (the whole pipeline).
 
 Label maps follow ACDC (0 background, 1 RV, 2 MYO, 3 LV); volumes are ``(N, 2, D, H, W)``
 (ED, ES) and ``spacing`` is the voxel size in mm (x, y, z).
@@ -31,7 +35,8 @@ from ..data.heart import HEART_CLASSES, HeartConfig, make_heart_subject
 from ..progress import progress
 
 __all__ = ["HeartShapes", "heart_shapes", "FEATURES", "clinical_features", "class_scores", "score_table", "latent_path",
-           "path_trend", "classify", "load_classifier"]
+           "path_trend", "classify", "load_classifier", "labelled_subset", "random_warps", "segment_hearts",
+           "few_label_draw"]
 
 FEATURES = ("LV EDV (ml)", "LV ESV (ml)", "RV EDV (ml)", "RV ESV (ml)", "LV EF (%)", "RV EF (%)",
             "myocardial mass (g)", "max wall thickness (mm)")
@@ -237,3 +242,103 @@ def load_classifier(path: Any, device: Any = None) -> torch.nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; chapter 8 saves its classifier: run it first (gen3d run ch08_classification)")
     return load_model(path, lambda c: ShapeVAEClassifier(ShapeVAEConfig(**c)), device)
+
+
+# ----- few labels: subsets, new hearts, the pipeline from images ----------------------------------
+
+def labelled_subset(shapes: HeartShapes, n_per_class: int, seed: int, classes: int = len(HEART_CLASSES)) -> HeartShapes:
+    """``n_per_class`` hearts of every class, drawn at random (``seed``) from ``shapes``."""
+    g = torch.Generator().manual_seed(int(seed))
+    picks = []
+    for k in range(classes):
+        members = (shapes.classes == k).nonzero()[:, 0]
+        if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or not 1 <= n_per_class <= len(members):
+            raise ValueError(f"n_per_class: expected 1..{len(members)} (the hearts of class {HEART_CLASSES[k]}), "
+                             f"got {n_per_class!r}")
+        picks.append(members[torch.randperm(len(members), generator=g)[:n_per_class]])
+    return shapes[torch.cat(picks)]
+
+
+def random_warps(labels: torch.Tensor, amplitude: float, generator: torch.Generator | None = None,
+                 flow_grid: int = 8, sigma: float = 1.5) -> torch.Tensor:
+    """The classical augmentation: every frame of every heart (N, F, D, H, W) warped by its own smooth
+    random deformation (a Gaussian-smoothed velocity field on a ``flow_grid``³ grid with standard
+    deviation ``amplitude`` in voxels of that grid, integrated by scaling and squaring)."""
+    from .. import spatial
+    from ..models.shape_generator import most_likely_labels, one_hot_hearts
+
+    if not amplitude >= 0:
+        raise ValueError(f"amplitude: expected a non-negative velocity in voxels, got {amplitude!r}")
+    x = one_hot_hearts(labels)                                               # (N, F * 4, D, H, W)
+    n, f = labels.shape[:2]
+    v = spatial.smooth_random_field((n * f, 3, flow_grid, flow_grid, flow_grid), sigma, float(amplitude), generator)
+    u = spatial.resize_displacement(spatial.integrate_velocity(v), x.shape[2:])
+    return most_likely_labels(spatial.warp(x.reshape(n * f, -1, *x.shape[2:]), u).reshape(x.shape), f)
+
+
+@torch.no_grad()
+def segment_hearts(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Label maps (N, F, D, H, W) int64 from a segmenter of single frames (1 channel in, 4 classes out),
+    applied to every frame of ``images`` (N, F, D, H, W)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 5 or not images.is_floating_point():
+        raise ValueError(f"images: expected float images (N, frames, D, H, W), got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    model.eval()
+    device = next(model.parameters()).device
+    frames = images.flatten(0, 1)[:, None]                                   # (N * F, 1, D, H, W)
+    out = [model(frames[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(frames), batch_size)]
+    return torch.cat(out).view(images.shape).long()
+
+
+def few_label_draw(train: HeartShapes, test: HeartShapes, n_per_class: int, draw: int, *, generator_cfg: Any,
+                   generator_steps: int, cnn_channels: Sequence[int], cnn_steps: int, batch: int = 8,
+                   n_synthetic: int = 40, shift: int = 2, lr: float = 2e-3, cnn_norm: str = "batch", device: Any = "cpu",
+                   test_inputs: torch.Tensor | None = None, test_features: Any = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """One draw of the few-label study: ``n_per_class`` labelled hearts of every class (drawn with seed
+    ``1000 n_per_class + draw``), a :class:`~gen3d_lessons.models.shape_generator.DeformationCVAE` trained on them, and
+    ``n_synthetic`` new hearts per class from it (and as many random warps of the same size, the
+    classical augmentation); then the clinical-feature logistic regression and a 3D CNN on one-hot
+    label maps (:class:`~gen3d_lessons.models.shape_classifier.ImageCNN3D`) trained with and without
+    them (every CNN with the same seed and steps; ``shift`` for the arms named "shifted"). Returns
+    ``{method: balanced accuracy on test}`` and ``{"real", "generated", "warped", "classes", "velocity
+    std", "generator"}`` (the labelled hearts, the new ones and their classes, the trained generator)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from ..models.shape_classifier import ImageCNN3D, ImageCNNConfig
+    from ..models.shape_generator import DeformationCVAE, one_hot_hearts
+    from ..training.classification import train_classifier, train_deformation_cvae
+
+    sub = labelled_subset(train, n_per_class, seed=1000 * n_per_class + draw)
+    g = torch.Generator().manual_seed(int(draw))
+    torch.manual_seed(draw)
+    generator = DeformationCVAE(generator_cfg).to(device)
+    train_deformation_cvae(generator, sub.labels, sub.classes, steps=generator_steps, batch=batch, lr=lr, seed=draw,
+                           desc=f"generator, {n_per_class} per class")
+    ys = torch.arange(len(HEART_CLASSES)).repeat_interleave(n_synthetic)
+    src = torch.cat([(sub.classes == k).nonzero()[:, 0][torch.randint(n_per_class, (n_synthetic,), generator=g)]
+                     for k in range(len(HEART_CLASSES))])
+    made, v = generator.sample(sub.labels[src], ys, generator=g)
+    warped = random_warps(sub.labels[src], float(v.std()), generator=g, flow_grid=generator.cfg.flow_grid)
+    sets = {"real": (sub.labels, sub.classes), "generated": (torch.cat([sub.labels, made]), torch.cat([sub.classes, ys])),
+            "warped": (torch.cat([sub.labels, warped]), torch.cat([sub.classes, ys]))}
+    test_features = clinical_features(test.labels, test.spacing) if test_features is None else test_features
+    test_inputs = one_hot_hearts(test.labels) if test_inputs is None else test_inputs
+    y_test, scores = test.classes.numpy(), {}
+    for name, (labels, y) in sets.items():
+        f = clinical_features(labels, train.spacing).values
+        ok = np.isfinite(f).all(1)                                           # a warped cavity may vanish: no EF
+        lr_model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(f[ok], y.numpy()[ok])
+        scores[f"clinical LR, {name}"] = class_scores(y_test, lr_model.predict(test_features.values))["balanced accuracy"]
+    arms = {"real": ("real", 0), "real, shifted": ("real", shift), "warped": ("warped", 0),
+            "generated": ("generated", 0), "generated, shifted": ("generated", shift)}
+    for name, (which, s) in arms.items():
+        labels, y = sets[which]
+        torch.manual_seed(0)
+        cnn = ImageCNN3D(ImageCNNConfig(in_channels=8, channels=tuple(cnn_channels), norm=cnn_norm)).to(device)
+        train_classifier(cnn, one_hot_hearts(labels), y, steps=cnn_steps, batch=batch, lr=lr, seed=0, shift=s,
+                         desc=f"CNN, {name}")
+        scores[f"CNN, {name}"] = class_scores(y_test, cnn.predict_proba(test_inputs).argmax(1).numpy())["balanced accuracy"]
+    return scores, {"real": sub, "generated": made, "warped": warped, "classes": ys, "velocity std": float(v.std()),
+                    "generator": generator}
