@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from gen3d_lessons.models.shape_generator import DeformationCVAE, DeformationCVAEConfig, most_likely_labels, one_hot_hearts
+from gen3d_lessons.models.shape_classifier import one_hot_hearts
+from gen3d_lessons.models.shape_generator import DeformationCVAE, DeformationCVAEConfig, most_likely_labels
 from gen3d_lessons.tasks import classify as C
 from gen3d_lessons.training.classification import same_class_pairs, train_deformation_cvae
 

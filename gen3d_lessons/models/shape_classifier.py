@@ -28,7 +28,20 @@ from torch import nn
 from ..blocks import conv_norm_act
 from .vae import VAE3D, VAEConfig
 
-__all__ = ["ShapeVAEConfig", "ShapeVAEClassifier", "ImageCNNConfig", "ImageCNN3D"]
+__all__ = ["one_hot_hearts", "ShapeVAEConfig", "ShapeVAEClassifier", "ImageCNNConfig", "ImageCNN3D"]
+
+
+def one_hot_hearts(labels: torch.Tensor, n_labels: int = 4) -> torch.Tensor:
+    """Label volumes (B, F, D, H, W) int -> one-hot (B, F * L, D, H, W) float, frame-major."""
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 5:
+        raise ValueError(f"labels: expected label volumes (B, frames, D, H, W), got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"labels: expected integer labels, got {labels.dtype}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= n_labels):
+        raise ValueError(f"labels: expected values in 0..{n_labels - 1}, got {int(labels.min())}..{int(labels.max())}")
+    x = F.one_hot(labels.long(), n_labels)                                  # (B, F, D, H, W, L)
+    return x.permute(0, 1, 5, 2, 3, 4).flatten(1, 2).float()
 
 
 @dataclass(frozen=True)
@@ -70,12 +83,7 @@ class ShapeVAEClassifier(nn.Module):
         if not isinstance(labels, torch.Tensor) or labels.ndim != 5 or tuple(labels.shape[1:]) != (c.frames, n, n, n):
             raise ValueError(f"labels: expected label volumes (B, {c.frames}, {n}, {n}, {n}), got "
                              f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-        if labels.is_floating_point() or labels.dtype == torch.bool:
-            raise ValueError(f"labels: expected integer labels, got {labels.dtype}")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= c.labels):
-            raise ValueError(f"labels: expected values in 0..{c.labels - 1}, got {int(labels.min())}..{int(labels.max())}")
-        x = F.one_hot(labels.long(), c.labels)                              # (B, F, D, H, W, L)
-        return x.permute(0, 1, 5, 2, 3, 4).flatten(1, 2).float()
+        return one_hot_hearts(labels, c.labels)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         """Codes (B, Z) -> label logits (B, F, L, D, H, W)."""

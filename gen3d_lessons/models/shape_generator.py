@@ -1,8 +1,8 @@
 """New hearts of a class from the few of that class one has (chapter 8): a conditional VAE of deformations.
 
-A VAE that decodes label maps voxel by voxel needs many hearts and many steps before its hearts
-keep a thin myocardium; with two labelled hearts per class, on a CPU, its samples are blurred
-shapes whose argmax loses most of the wall. A deformation keeps the anatomy by construction: a new
+A VAE that decodes label maps voxel by voxel has to learn to draw a thin myocardium from the
+hearts it is given; with a few labelled hearts per class that is a lot to ask. A deformation keeps
+the anatomy by construction: a new
 heart is a labelled heart of the class, *warped*. What is learned is the distribution of the
 warps: how hearts of one class differ from each other. That is a conditional VAE over
 deformations, as in Krebs et al. (2019) for registration and Zhao et al. (2019) for
@@ -36,8 +36,9 @@ from torch import nn
 
 from .. import spatial
 from ..blocks import conv_norm_act
+from .shape_classifier import one_hot_hearts
 
-__all__ = ["DeformationCVAEConfig", "DeformationCVAE", "one_hot_hearts", "most_likely_labels"]
+__all__ = ["DeformationCVAEConfig", "DeformationCVAE", "most_likely_labels", "warp_frames"]
 
 
 @dataclass(frozen=True)
@@ -72,16 +73,14 @@ def most_likely_labels(fractions: torch.Tensor, frames: int = 2) -> torch.Tensor
     return x.movedim(2, -1).contiguous().argmax(-1)
 
 
-def one_hot_hearts(labels: torch.Tensor, n_labels: int = 4) -> torch.Tensor:
-    """Label volumes (B, F, D, H, W) int -> one-hot (B, F * L, D, H, W) float, frame-major."""
-    if not isinstance(labels, torch.Tensor) or labels.ndim != 5:
-        raise ValueError(f"labels: expected label volumes (B, frames, D, H, W), got "
-                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-    if labels.is_floating_point() or labels.dtype == torch.bool:
-        raise ValueError(f"labels: expected integer labels, got {labels.dtype}")
-    if labels.numel() and (labels.min() < 0 or labels.max() >= n_labels):
-        raise ValueError(f"labels: expected values in 0..{n_labels - 1}, got {int(labels.min())}..{int(labels.max())}")
-    return F.one_hot(labels.long(), n_labels).permute(0, 1, 5, 2, 3, 4).flatten(1, 2).float()
+def warp_frames(fractions: torch.Tensor, velocities: torch.Tensor, frames: int = 2) -> torch.Tensor:
+    """Warp every frame of one-hot hearts or label fractions (B, F * L, D, H, W) by its own stationary
+    velocity field (B, F * 3, g, g, g) (voxels of the coarse grid ``g``³): scaling and squaring on the
+    coarse grid, the displacement brought up to the label grid, linear interpolation. Same shape out."""
+    b, g = len(fractions), velocities.shape[2:]
+    u = spatial.integrate_velocity(velocities.reshape(b * frames, 3, *g))
+    u = spatial.resize_displacement(u, fractions.shape[2:])
+    return spatial.warp(fractions.reshape(b * frames, -1, *fractions.shape[2:]), u).reshape(fractions.shape)
 
 
 class DeformationCVAE(nn.Module):
@@ -141,11 +140,7 @@ class DeformationCVAE(nn.Module):
         """Warp every frame of ``source`` (one-hot or label fractions, (B, F * L, D, H, W)) by its
         deformation: returns the warped fractions (same shape) and the velocities."""
         v = self.velocities(source, z, c)
-        b, f, labels = len(source), self.cfg.frames, self.cfg.labels
-        u = spatial.integrate_velocity(v.reshape(b * f, 3, *v.shape[2:]))
-        u = spatial.resize_displacement(u, source.shape[2:])
-        warped = spatial.warp(source.reshape(b * f, labels, *source.shape[2:]), u)
-        return warped.reshape(source.shape), v
+        return warp_frames(source, v, self.cfg.frames), v
 
     def forward(self, source: torch.Tensor, target: torch.Tensor, c: torch.Tensor):
         """Training pass on the ``train_size``³ grid: (warped source, target, mu, logvar, velocities)."""

@@ -265,29 +265,29 @@ def random_warps(labels: torch.Tensor, amplitude: float, generator: torch.Genera
     random deformation (a Gaussian-smoothed velocity field on a ``flow_grid``³ grid with standard
     deviation ``amplitude`` in voxels of that grid, integrated by scaling and squaring)."""
     from .. import spatial
-    from ..models.shape_generator import most_likely_labels, one_hot_hearts
+    from ..models.shape_classifier import one_hot_hearts
+    from ..models.shape_generator import most_likely_labels, warp_frames
 
     if not amplitude >= 0:
         raise ValueError(f"amplitude: expected a non-negative velocity in voxels, got {amplitude!r}")
     x = one_hot_hearts(labels)                                               # (N, F * 4, D, H, W)
     n, f = labels.shape[:2]
     v = spatial.smooth_random_field((n * f, 3, flow_grid, flow_grid, flow_grid), sigma, float(amplitude), generator)
-    u = spatial.resize_displacement(spatial.integrate_velocity(v), x.shape[2:])
-    return most_likely_labels(spatial.warp(x.reshape(n * f, -1, *x.shape[2:]), u).reshape(x.shape), f)
+    return most_likely_labels(warp_frames(x, v.reshape(n, f * 3, *v.shape[2:]), f), f)
 
 
 @torch.no_grad()
 def segment_hearts(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """Label maps (N, F, D, H, W) int64 from a segmenter of single frames (1 channel in, 4 classes out),
-    applied to every frame of ``images`` (N, F, D, H, W)."""
+    applied to every frame of ``images`` (N, F, D, H, W), ``batch_size`` frames at a time
+    (:func:`~gen3d_lessons.tasks.segment.predict_labels`)."""
+    from .segment import predict_labels
+
     if not isinstance(images, torch.Tensor) or images.ndim != 5 or not images.is_floating_point():
         raise ValueError(f"images: expected float images (N, frames, D, H, W), got "
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    model.eval()
-    device = next(model.parameters()).device
     frames = images.flatten(0, 1)[:, None]                                   # (N * F, 1, D, H, W)
-    out = [model(frames[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(frames), batch_size)]
-    return torch.cat(out).view(images.shape).long()
+    return predict_labels(model, frames, next(model.parameters()).device, batch_size).view(images.shape)
 
 
 def few_label_draw(train: HeartShapes, test: HeartShapes, n_per_class: int, draw: int, *, generator_cfg: Any,
@@ -306,8 +306,8 @@ def few_label_draw(train: HeartShapes, test: HeartShapes, n_per_class: int, draw
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from ..models.shape_classifier import ImageCNN3D, ImageCNNConfig
-    from ..models.shape_generator import DeformationCVAE, one_hot_hearts
+    from ..models.shape_classifier import ImageCNN3D, ImageCNNConfig, one_hot_hearts
+    from ..models.shape_generator import DeformationCVAE
     from ..training.classification import train_classifier, train_deformation_cvae
 
     sub = labelled_subset(train, n_per_class, seed=1000 * n_per_class + draw)
@@ -333,11 +333,11 @@ def few_label_draw(train: HeartShapes, test: HeartShapes, n_per_class: int, draw
         scores[f"clinical LR, {name}"] = class_scores(y_test, lr_model.predict(test_features.values))["balanced accuracy"]
     arms = {"real": ("real", 0), "real, shifted": ("real", shift), "warped": ("warped", 0),
             "generated": ("generated", 0), "generated, shifted": ("generated", shift)}
+    inputs = {name: one_hot_hearts(labels) for name, (labels, _) in sets.items()}    # once per set, shifted or not
     for name, (which, s) in arms.items():
-        labels, y = sets[which]
         torch.manual_seed(0)
         cnn = ImageCNN3D(ImageCNNConfig(in_channels=8, channels=tuple(cnn_channels), norm=cnn_norm)).to(device)
-        train_classifier(cnn, one_hot_hearts(labels), y, steps=cnn_steps, batch=batch, lr=lr, seed=0, shift=s,
+        train_classifier(cnn, inputs[which], sets[which][1], steps=cnn_steps, batch=batch, lr=lr, seed=0, shift=s,
                          desc=f"CNN, {name}")
         scores[f"CNN, {name}"] = class_scores(y_test, cnn.predict_proba(test_inputs).argmax(1).numpy())["balanced accuracy"]
     return scores, {"real": sub, "generated": made, "warped": warped, "classes": ys, "velocity std": float(v.std()),

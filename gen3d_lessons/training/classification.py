@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.batches import Batches
+from ..losses import soft_dice_loss
+from ..models.shape_classifier import one_hot_hearts
 from .fit import History, fit
 from .segmentation import one_cycle
 
@@ -113,12 +115,10 @@ def deformation_cvae_step(batch: Mapping[str, Any], i: int, *, model: nn.Module,
                          f"{sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__}")
     model.train()
     warped, target, mu, logvar, v = model(batch["source"].to(device), batch["target"].to(device), batch["y"].to(device))
-    f, n_labels = model.cfg.frames, model.cfg.labels
-    p = warped.view(len(warped), f, n_labels, *warped.shape[2:]).clamp_min(1e-6)    # label fractions after the warp
-    t = target.view_as(p)
-    ce = -(t * p.log()).sum(2).mean()
-    overlap = 2 * (p * t).sum((0, 3, 4, 5)) + 1.0
-    dice = (overlap / (p.sum((0, 3, 4, 5)) + t.sum((0, 3, 4, 5)) + 1.0))[:, 1:].mean()      # (F, L) -> the structures
+    frames = (-1, model.cfg.labels, *warped.shape[2:])                  # every frame a sample: (B * F, L, ...)
+    p, t = warped.reshape(frames).clamp_min(1e-6), target.reshape(frames)     # label fractions after the warp, target
+    ce = -(t * p.log()).sum(1).mean()
+    dice = 1.0 - soft_dice_loss(t, p)                                          # the structures, background left out
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1).mean()
     roughness = sum(v.diff(dim=d).pow(2).mean() for d in (2, 3, 4))
     loss = ce + (1 - dice) + beta * kl + smooth * roughness
@@ -144,8 +144,6 @@ def train_deformation_cvae(model: nn.Module, labels: torch.Tensor, classes: torc
                            budget_s: float | None = None, desc: str = "deformation CVAE") -> History:
     """Adam with a one-cycle learning rate and :func:`fit` over :func:`deformation_cvae_step`, on every
     ordered pair of same-class hearts of ``labels`` (N, F, D, H, W) int, ``classes`` (N,)."""
-    from ..models.shape_generator import one_hot_hearts
-
     if len(labels) != len(classes):
         raise ValueError(f"labels, classes: expected one class per heart, got {len(labels)} hearts and {len(classes)} classes")
     x = F.adaptive_avg_pool3d(one_hot_hearts(labels, model.cfg.labels), model.cfg.train_size)   # label fractions
