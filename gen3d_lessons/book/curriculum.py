@@ -38,7 +38,7 @@ CHAPTERS = (
     Chapter(11, "denoising", "Denoising", "§3.5", "DAE, RED-WGAN"),
     Chapter(12, "anomaly", "Anomaly detection", "§3.6", "VAE residuals, VQ-VAE + transformer likelihood"),
     Chapter(13, "registration", "Registration", "§3.7", "VoxelMorph, diffeomorphic VoxelMorph"),
-    Chapter(14, "fewshot", "Few-shot and self-supervised learning", "§4.1, §4.2", "pretext pretraining"),
+    Chapter(14, "fewshot", "Few-shot and self-supervised learning", "§4.1, §4.2", "pretext pretraining, few-shot GAN, multi-atlas"),
     Chapter(15, "efficient", "Efficient 3D architectures", "§4.3", "separable, split & shuffle, 2.5D"),
     Chapter(16, "trust", "Trustworthiness and bias", "§4.5", "site shift, harmonisation, MC dropout"),
     Chapter(17, "conclusion", "Conclusion", "§5", "every chapter's results"),
