@@ -1002,3 +1002,27 @@ def plot_by_budget(table: Any, panels: Mapping[str, Sequence[str]], *, budget: s
         a.legend(fontsize=7)
     axes[0][0].set_ylabel(f"{value} (mean ± std over draws)")
     return _done(fig)
+
+
+def plot_tradeoff(table: Any, panels: Mapping[str, str], *, y: str = "Dice", logx: bool = True) -> Figure:
+    """A score against what it costs (chapter 15): one panel per entry of ``panels``
+    ``{x label: column}``, one labelled point per row of ``table`` (a DataFrame indexed by
+    architecture). Better is up and to the left."""
+    if not hasattr(table, "columns") or not isinstance(panels, Mapping) or not panels:
+        raise ValueError("plot_tradeoff: expected a DataFrame and panels {x label: column}")
+    missing = [c for c in [y, *panels.values()] if c not in table.columns]
+    if missing:
+        raise ValueError(f"plot_tradeoff: table has no column {missing[0]!r}")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), dpi=DPI, squeeze=False, sharey=True)
+    try:
+        for a, (xlabel, col) in zip(axes[0], panels.items()):
+            for k, (name, row) in enumerate(table.iterrows()):
+                a.scatter(row[col], row[y], color=f"C{k}", s=30, zorder=3)
+                a.annotate(str(name), (row[col], row[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            a.set(xlabel=xlabel, xscale="log" if logx else "linear")
+            a.grid(alpha=0.3)
+        axes[0][0].set_ylabel(y)
+    except Exception:
+        plt.close(fig)
+        raise
+    return _done(fig)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks import ConvBlock3d
+from .efficient import CONVS, conv_block, neighbour_slices
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class UNetConfig:
     features: tuple[int, ...] = (8, 16, 32, 64)   # channels per level, top to bottom (the last is the bottleneck)
     norm: str = "instance"                    # "instance" | "batch" | "none" (see above)
     dropout: float = 0.0                      # dropout in the bottleneck block
+    conv: str = "full"                        # the blocks' unit: "full" 3×3×3, or a cheaper one (models/efficient.py)
+    slices: int = 2                           # conv="2.5d" only: neighbouring slices on each side, stacked as channels
 
     def __post_init__(self):
         # a config loaded back from a file holds lists: keep it hashable and equal to the original
@@ -60,6 +62,9 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.norm: expected 'instance', 'batch' or 'none', got {self.norm!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UNetConfig.dropout: expected a value in [0, 1), got {self.dropout}")
+        if self.conv not in CONVS or self.slices < 0:
+            raise ValueError(f"UNetConfig.conv: expected one of {CONVS} (and slices >= 0), got {self.conv!r}, "
+                             f"slices={self.slices}")
 
     @property
     def divisor(self) -> int:
@@ -70,7 +75,8 @@ class UNetConfig:
 class UNet3D(nn.Module):
     """A 3D U-Net: ``forward(x)`` maps ``(B, C_in, D, H, W)`` images to ``(B, C_out, D, H, W)`` logits.
 
-    Every level's ``block`` is a :class:`~gen3d_lessons.blocks.ConvBlock3d`.
+    Every level's ``block`` is a :class:`~gen3d_lessons.blocks.ConvBlock3d` (``cfg.conv="full"``) or
+    one of the cheaper blocks of :mod:`gen3d_lessons.models.efficient` (chapter 15).
     """
 
     def __init__(self, cfg: UNetConfig = UNetConfig()):
@@ -78,14 +84,17 @@ class UNet3D(nn.Module):
         self.cfg = cfg
         f = cfg.features
         last = len(f) - 1
+        block = lambda c_in, c_out, dropout=0.0: conv_block(cfg.conv, c_in, c_out, cfg.norm, dropout)   # noqa: E731
+        # a 2.5D network pools within slices only, and sees each slice with its neighbours as channels
+        self.pool = (1, 2, 2) if cfg.conv == "2.5d" else (2, 2, 2)
+        c_in = cfg.in_channels * (2 * cfg.slices + 1) if cfg.conv == "2.5d" else cfg.in_channels
         # encoder: level 0 at full size, level k at 1 / 2**k
-        self.down = nn.ModuleList(
-            [ConvBlock3d(cfg.in_channels, f[0], cfg.norm)]
-            + [ConvBlock3d(f[k - 1], f[k], cfg.norm, cfg.dropout if k == last else 0.0) for k in range(1, len(f))])
+        self.down = nn.ModuleList([block(c_in, f[0])] + [block(f[k - 1], f[k], cfg.dropout if k == last else 0.0)
+                                                          for k in range(1, len(f))])
         # decoder, from the bottleneck up: a 2×2×2 transposed convolution doubles the grid and maps
         # f[k] -> f[k-1] channels; after concatenation with the skip there are 2 f[k-1]
-        self.up = nn.ModuleList([nn.ConvTranspose3d(f[k], f[k - 1], 2, stride=2) for k in range(last, 0, -1)])
-        self.merge = nn.ModuleList([ConvBlock3d(2 * f[k - 1], f[k - 1], cfg.norm) for k in range(last, 0, -1)])
+        self.up = nn.ModuleList([nn.ConvTranspose3d(f[k], f[k - 1], self.pool, stride=self.pool) for k in range(last, 0, -1)])
+        self.merge = nn.ModuleList([block(2 * f[k - 1], f[k - 1]) for k in range(last, 0, -1)])
         self.head = nn.Conv3d(f[0], cfg.out_channels, 1)
 
     def _check(self, x: torch.Tensor) -> None:
@@ -101,9 +110,9 @@ class UNet3D(nn.Module):
         The last entry is the bottleneck.
         """
         self._check(x)
-        feats = [self.down[0](x)]
+        feats = [self.down[0](neighbour_slices(x, self.cfg.slices) if self.cfg.conv == "2.5d" else x)]
         for block in self.down[1:]:
-            feats.append(block(F.max_pool3d(feats[-1], 2)))   # halve the grid, then convolve
+            feats.append(block(F.max_pool3d(feats[-1], self.pool)))   # halve the grid, then convolve
         return feats
 
     def decode(self, feats: list[torch.Tensor]) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """What a network costs: parameters, memory and seconds per training step, in 2D or in 3D.
 
 Chapter 1 uses it to measure "the challenges of 3D" rather than quote them, on the plain
-encoder–decoder of :mod:`gen3d_lessons.models.plain`.
+encoder–decoder of :mod:`gen3d_lessons.models.plain`; chapter 15 compares the U-Net's cheaper
+blocks with :func:`network_costs` (parameters, multiply-adds, the memory autograd keeps, seconds
+per step).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 from ..blocks import count_parameters
 from ..models.plain import PlainEncoderDecoder, PlainNetConfig
 
-__all__ = ["activation_bytes", "measure_training_step", "cost_ratios"]
+__all__ = ["activation_bytes", "measure_training_step", "cost_ratios", "multiply_adds", "saved_bytes", "network_costs"]
 
 
 def layer_output_bytes(nets: Sequence[nn.Module], forward: Callable[[], Any]) -> int:
@@ -92,3 +94,89 @@ def cost_ratios(rows: Sequence[Mapping[str, Any]], edge: int) -> dict[str, float
     a, b = at[(2, edge)], at[(3, edge)]
     return {"slowdown": b["s_per_step"] / a["s_per_step"], "memory_ratio": b["memory_MB"] / a["memory_MB"],
             "param_ratio": b["params"] / a["params"]}
+
+
+def multiply_adds(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-adds of one forward pass of ``x`` through ``model``'s convolutions and linear layers.
+
+    A convolution costs ``(C_in / groups) · k³`` per output value; a transposed convolution
+    ``(C_out / groups) · k³`` per input value; a linear layer ``in_features`` per output.
+    Normalisations, activations and pooling are left out (a few per value, next to hundreds).
+    """
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        kernel = int(torch.tensor(getattr(module, "kernel_size", (1,))).prod())
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            total += inputs[0].numel() * module.out_channels // module.groups * kernel
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            total += output.numel() * module.in_channels // module.groups * kernel
+        else:
+            total += output.numel() * module.in_features
+
+    kinds = (nn.modules.conv._ConvNd, nn.Linear)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of one training-mode forward of
+    ``x``, each storage counted once: what training holds in memory beyond the weights."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta":
+            storage = t.untyped_storage()
+            seen[(storage.data_ptr(), t.device.index or 0)] = storage.nbytes()
+        return t
+
+    was_training = model.training
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x).sum()
+    finally:
+        model.train(was_training)
+    return sum(seen.values())
+
+
+def network_costs(model: nn.Module, size: int, *, in_channels: int, classes: int, batch: int = 2, steps: int = 3,
+                  device: str | torch.device = "cpu") -> dict[str, float]:
+    """What one network costs at crops of ``size``³ (batch ``batch``), measured, not estimated:
+
+    ``params``; ``GMACs``, multiply-adds of one forward pass per crop (:func:`multiply_adds`);
+    ``memory_MB``, what autograd keeps for one training step (:func:`saved_bytes`) plus weights,
+    gradients and Adam's two moments (4 × parameters, float32); ``s_per_step``, the median seconds
+    of ``steps`` Adam steps on a cross-entropy against random labels (after one warm-up step).
+    The batch norm statistics this touches are put back, so a trained model may be measured.
+    """
+    model = model.to(device)
+    x = torch.rand(batch, in_channels, size, size, size, device=device)
+    y = torch.randint(classes, (batch, size, size, size), device=device)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-6)
+    params = count_parameters(model)
+
+    def step(_i: int) -> None:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    was_training = model.training
+    try:
+        macs = multiply_adds(model, x[:1])
+        memory = saved_bytes(model, x) + 4 * 4 * params
+        model.train()                                       # a training step, as training takes it
+        seconds = median_step_seconds(step, steps)
+    finally:
+        model.load_state_dict(state)
+        model.train(was_training)
+    return {"size": size, "params": params, "GMACs": macs / 1e9, "memory_MB": memory / 2 ** 20, "s_per_step": seconds}
