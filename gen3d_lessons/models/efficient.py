@@ -25,19 +25,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..blocks import ConvBlock3d, norm as make_norm
+from ..blocks import ConvBlock3d, conv_norm_act
 
 CONVS = ("full", "2+1d", "depthwise", "shuffle", "2.5d")
 
 
-def _act() -> nn.Module:
-    return nn.LeakyReLU(0.01, inplace=True)
-
-
-def _conv(c_in: int, c_out: int, kernel: tuple[int, int, int], norm: str, groups: int = 1) -> list[nn.Module]:
-    """A convolution with "same" padding, its normalisation and activation (no bias before a norm)."""
-    pad = tuple(k // 2 for k in kernel)
-    return [nn.Conv3d(c_in, c_out, kernel, padding=pad, groups=groups, bias=norm == "none"), make_norm(norm, c_out), _act()]
+def _conv(c_in: int, c_out: int, kernel: tuple[int, int, int], norm: str) -> list[nn.Module]:
+    """:func:`~gen3d_lessons.blocks.conv_norm_act` with "same" padding and the U-Net's LeakyReLU, as a
+    list of its three layers (no bias before a norm)."""
+    return list(conv_norm_act(c_in, c_out, kernel, padding=tuple(k // 2 for k in kernel), norm=norm, bias=norm == "none",
+                              act=nn.LeakyReLU(0.01, inplace=True)))
 
 
 class ChannelShuffle(nn.Module):

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..data.batches import Batch
 from .fit import History, fit
-from .segmentation import one_cycle
+from .segmentation import one_cycle, seg_step
 
 
 # 1. The pretext task ---------------------------------------------------------------------------
@@ -54,21 +54,13 @@ def pretext_step(batch: Batch, i: int, *, model: nn.Module, optimizer: torch.opt
                  generator: torch.Generator, scheduler: Any = None, **damage: Any) -> dict[str, float]:
     """One step of the pretext task: ``|| U-Net(corrupt(x)) - x ||²`` (no label is read).
 
-    ``damage`` goes to :func:`corrupt` (``cubes``, ``size``, ``noise``).
+    :func:`~gen3d_lessons.training.segmentation.seg_step` with the damaged crop as the image, the
+    crop as it was as the target and a squared error as the loss. ``damage`` goes to
+    :func:`corrupt` (``cubes``, ``size``, ``noise``).
     """
-    # 1. the crops, and their damaged copies
-    device = next(model.parameters()).device
     x = batch["image"]
-    x_bad = corrupt(x, generator, **damage).to(device)
-    # 2. restore, and compare with the crop as it was
-    loss = F.mse_loss(model(x_bad), x.to(device))
-    # 3. backward and update
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    return {"loss": loss.item()}
+    return seg_step({"image": corrupt(x, generator, **damage), "label": x}, i, model=model, optimizer=optimizer,
+                    loss_fn=F.mse_loss, scheduler=scheduler)
 
 
 def train_pretext(model: nn.Module, batches: Iterable[Batch], *, lr: float, max_steps: int, seed: int = 0,
