@@ -76,7 +76,7 @@ test: $(STAMP) data
 
 ## The gpu profile's shapes and configs, on any machine: two steps per training or sampling loop.
 dryrun: $(STAMP) data
-	@GEN3D_MAX_STEPS=2 $(PY) -m pytest -m dryrun tests/test_notebooks.py; rc=$$?; \
+	@GEN3D_MAX_STEPS=2 $(PY) -m pytest -m dryrun -rs tests/test_notebooks.py; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make dryrun: no chapter ran" >&2; exit 1; fi; exit $$rc
 
 ## The built site in headless Chromium (needs `make book` first and /usr/bin/chromium).

@@ -225,3 +225,32 @@ def test_cli_reports_bad_arguments_in_one_line(tmp_path):
     run = subprocess.run([sys.executable, "data_scripts/make_brain.py", "--out", str(tmp_path / "x"),
                           "--n", "2", "--size", "8"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "size" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_cohort_made_in_worker_processes_is_the_one_made_here(monkeypatch):
+    """Each subject depends on its seed alone: made by two workers, a cohort is bit-identical to
+    the one made one by one in this process, in the same order, and torch keeps its threads."""
+    from gen3d_lessons.data import workers
+    from gen3d_lessons.data.brain import brain_cohort
+
+    cfg = BrainConfig(size=32)
+    seeds, overrides = [11, 12, 13, 14], [{}, {"age": 80.0}, {"has_lesion": True}, {"site": 2}]
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("GEN3D_THREADS", "1")
+    here = brain_cohort(cfg, seeds, channels=(0, 2), size=16, overrides=overrides)
+    monkeypatch.setenv("GEN3D_THREADS", "2")
+    monkeypatch.setattr(workers, "POOL_MIN_WORK", 0.0)
+    assert workers.worker_count(len(seeds)) == 2
+    pooled = brain_cohort(cfg, seeds, channels=(0, 2), size=16, overrides=overrides)
+    assert torch.equal(here[0], pooled[0]) and here[1] == pooled[1]
+    assert torch.get_num_threads() == threads
+
+
+def test_worker_count_is_one_for_small_jobs_and_capped_by_gen3d_threads(monkeypatch):
+    from gen3d_lessons.data.workers import POOL_MIN_WORK, worker_count
+
+    monkeypatch.setenv("GEN3D_THREADS", "3")
+    assert worker_count(2, work=POOL_MIN_WORK / 4) == 1
+    assert worker_count(100) == 3 and worker_count(2, work=POOL_MIN_WORK) == 2
+    monkeypatch.setenv("GEN3D_THREADS", "1")
+    assert worker_count(600) == 1
