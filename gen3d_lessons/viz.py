@@ -1026,3 +1026,68 @@ def plot_tradeoff(table: Any, panels: Mapping[str, str], *, y: str = "Dice", log
         plt.close(fig)
         raise
     return _done(fig)
+
+
+def plot_page_seconds(table: Any, limit: float, *, column: str = "seconds", label: str = "page") -> Figure:
+    """Seconds per page (chapter 17): one horizontal bar per row of ``table`` that has
+    ``column``, in the table's order, grey within ``limit`` and red beyond, with ``limit`` drawn."""
+    if not hasattr(table, "columns") or column not in table.columns or label not in table.columns:
+        raise ValueError(f"plot_page_seconds: expected a DataFrame with columns {label!r} and {column!r}")
+    timed = table[table[column].notna()]
+    fig, ax = plt.subplots(figsize=(6.4, 0.28 * max(len(timed), 2) + 0.9), dpi=DPI)
+    try:
+        seconds = timed[column].astype(float).to_numpy()
+        ax.barh(np.arange(len(timed)), seconds, color=["0.6" if s <= limit else "C3" for s in seconds])
+        ax.set_yticks(np.arange(len(timed)), [str(p) for p in timed[label]], fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(limit, ls="--", c="k", lw=0.8)
+        ax.set(xlabel=f"seconds (dashed: {limit:g} s)")
+        ax.grid(axis="x", alpha=0.3)
+    except Exception:
+        plt.close(fig)
+        raise
+    return _done(fig)
+
+
+def plot_survey_counts(table: Any, families: Sequence[str] = ("GAN", "autoencoder", "autoregressive")) -> Figure:
+    """Papers per application and model family (chapter 17): grouped bars, one group per row of
+    ``table`` (indexed by application), one bar per column of ``families``."""
+    if not hasattr(table, "columns") or any(f not in table.columns for f in families):
+        raise ValueError(f"plot_survey_counts: expected a DataFrame with columns {list(families)}")
+    fig, ax = plt.subplots(figsize=(7.2, 3.2), dpi=DPI)
+    try:
+        x, width = np.arange(len(table)), 0.8 / len(families)
+        for k, family in enumerate(families):
+            ax.bar(x + (k - (len(families) - 1) / 2) * width, table[family].astype(float), width, label=family, color=f"C{k}")
+        ax.set_xticks(x, [str(a) for a in table.index], rotation=25, ha="right", fontsize=7)
+        ax.set(ylabel="papers in the survey's table")
+        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    except Exception:
+        plt.close(fig)
+        raise
+    return _done(fig)
+
+
+def plot_reliability(bins: Mapping[str, tuple[Sequence, Sequence]]) -> Figure:
+    """Reliability diagrams (chapter 16): one panel per entry ``{name: (bins before, bins after)}``,
+    each bin ``(mean confidence, accuracy, share of voxels)``; accuracy against confidence before
+    (circles) and after (crosses) calibration, the diagonal where they agree. Marker area ~ share."""
+    if not isinstance(bins, Mapping) or not bins:
+        raise ValueError("plot_reliability: expected {name: (bins before, bins after)}")
+    fig, axes = plt.subplots(1, len(bins), figsize=(3.2 * len(bins), 3.2), dpi=DPI, squeeze=False, sharey=True)
+    try:
+        for a, (name, (before, after)) in zip(axes[0], bins.items()):
+            a.plot([0, 1], [0, 1], ls="--", c="k", lw=0.8)
+            for rows, marker, label in ((before, "o", "before"), (after, "x", "calibrated")):
+                if len(rows):
+                    conf, acc, share = (np.asarray(v, dtype=float) for v in zip(*rows))
+                    a.scatter(conf, acc, s=10 + 300 * share, marker=marker, label=label, alpha=0.8)
+            a.set(title=str(name), xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
+            a.grid(alpha=0.3)
+        axes[0][0].set_ylabel("accuracy")
+        axes[0][0].legend(fontsize=7, loc="upper left")
+    except Exception:
+        plt.close(fig)
+        raise
+    return _done(fig)

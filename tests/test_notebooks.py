@@ -76,7 +76,7 @@ PAGE_ALLOWANCE_S = 240      # the longest page's dry run on a slow two-core mach
 
 # Pages that read what a page of another chapter saves in the same run (a page of the same
 # chapter always runs after the chapter's earlier pages).
-NEEDS = {"ch09_counterfactual": ("ch04_autoencoders",)}
+NEEDS = {"ch09_counterfactual": ("ch04_autoencoders",), "ch16_trust": ("ch08_classification",)}
 
 
 def last_changed(chapters: list) -> list:

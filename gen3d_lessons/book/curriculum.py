@@ -60,6 +60,21 @@ TAXONOMY = {
 }
 
 
+# The publications the survey lists for each application, in its Tables 2-8, counted by family from
+# the tables' model column: a row that names a GAN and an autoencoder (e.g. HA-GAN, GAN + AE)
+# counts for both. GAN: any GAN, pix2pix; autoencoder: AE, VAE, CVAE, VQ-VAE, U-Net, DDPM;
+# autoregressive: PixelCNN. Rows: (application, survey table, book chapter, listed, GAN, AE, AR).
+SURVEY_TABLES = (
+    ("Unconditional synthesis", 2, 7, 10, 8, 3, 0),
+    ("Classification", 3, 8, 5, 1, 3, 1),
+    ("Conditional synthesis", 4, 9, 23, 20, 5, 0),
+    ("Segmentation", 5, 10, 26, 15, 17, 0),
+    ("Denoising", 6, 11, 5, 5, 0, 0),
+    ("Detection (anomalies)", 7, 12, 4, 2, 3, 0),
+    ("Registration", 8, 13, 7, 3, 4, 0),
+)
+
+
 def available_chapters(book_dir: str | Path) -> set[int]:
     """Numbers of the chapters whose notebook exists in ``book_dir``."""
     book_dir = Path(book_dir)
