@@ -7,7 +7,6 @@ one in this process (tested in ``tests/test_brain.py``).
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Callable, Iterator, Sequence
 
@@ -19,9 +18,9 @@ POOL_MIN_WORK = 24.0
 def worker_count(n: int, work: float = 1.0) -> int:
     """How many processes make ``n`` subjects of ``work`` each: one per core (env ``GEN3D_THREADS``
     caps the cores used, as it caps torch's threads), or 1 when the job is too small to share."""
-    env = os.environ.get("GEN3D_THREADS", "").strip()
-    cores = int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
-    return 1 if n * work < POOL_MIN_WORK else max(1, min(cores, n))
+    from ..profiles import pick_threads
+
+    return 1 if n * work < POOL_MIN_WORK else max(1, min(pick_threads(), n))
 
 
 def in_workers(fn: Callable[[Any], Any], jobs: Sequence[Any], *, work: float = 1.0, desc: str = "",

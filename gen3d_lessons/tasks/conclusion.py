@@ -130,7 +130,7 @@ def missed(table: pd.DataFrame) -> pd.DataFrame:
 def presented(table: pd.DataFrame) -> pd.DataFrame:
     """:func:`gather`'s table as the page shows it: values formatted, gates and goals with their
     direction (``>= 0.1``), ``met`` / ``not met``, ``k of n`` goals, gates ``passed`` or ``FAILED``."""
-    from ..book.results import bound_text, format_value
+    from ..book.results import bound_text, format_value, goal_text
 
     def cells(row: pd.Series) -> dict[str, Any]:
         if row["status"] != "ran":
@@ -139,7 +139,7 @@ def presented(table: pd.DataFrame) -> pd.DataFrame:
         met = raw["headline goal met"]
         return {"family": raw["family"], "headline": raw["headline"] or "-", "value": format_value(raw["value"]),
                 "gate": bound_text(raw, "gate"), "goal": bound_text(raw, "goal"),
-                "headline goal": "-" if met is None else "met" if met else "not met",
+                "headline goal": goal_text(met),
                 "goals met": f"{int(raw['goals met'])} of {int(raw['goals'])}" if raw["goals"] else "-",
                 "gates": "-" if raw["gates passed"] is None else "passed" if raw["gates passed"] else "FAILED",
                 "seconds": "-" if raw["seconds"] is None else f"{raw['seconds']:.1f}", "status": "ran"}

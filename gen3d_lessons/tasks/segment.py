@@ -135,12 +135,16 @@ def normalize_intensity(image: torch.Tensor, low: float = 0.005, high: float = 0
 
 
 @torch.no_grad()
-def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, device: Any = None) -> torch.Tensor:
+def predict_probabilities(model: torch.nn.Module, image: torch.Tensor, device: Any = None, *,
+                          set_eval: bool = True) -> torch.Tensor:
     """Class probabilities (B, K, *S) of a batch (B, C, *S) already on the model's grid.
 
-    The volume is zero-padded to a size the U-Net accepts and cropped back afterwards.
+    The volume is zero-padded to a size the U-Net accepts and cropped back afterwards. The model
+    is put in eval mode first unless ``set_eval=False``, which leaves its modes as they are (Monte
+    Carlo dropout samples with its dropout layers on, :func:`~gen3d_lessons.tasks.trust.dropout_on`).
     """
-    model.eval()
+    if set_eval:
+        model.eval()
     divisor = model.cfg.divisor if hasattr(model, "cfg") and hasattr(model.cfg, "divisor") else 8
     padded, crop = pad_to_multiple(image, divisor)
     logits = model(padded.to(device))

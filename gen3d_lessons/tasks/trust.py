@@ -40,6 +40,11 @@ def _render(job: tuple) -> tuple[torch.Tensor, np.ndarray, dict]:
     return torch.from_numpy(np.ascontiguousarray(s["image"])).permute(3, 0, 1, 2), s["label"], s["attributes"]
 
 
+def _dataset_seed(folder: Any) -> int:
+    """The seed a dataset was generated with (its subjects are ``subject_seed(seed, i)``)."""
+    return int(json.loads((Path(folder) / "dataset.json").read_text()).get("seed", 0))
+
+
 def site_renders(folder: Any, n: int, *, first: int = FIRST_RENDER) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """``n`` new brains of the dataset in ``folder``, each rendered at every site of its generator.
 
@@ -51,8 +56,7 @@ def site_renders(folder: Any, n: int, *, first: int = FIRST_RENDER) -> tuple[tor
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected a positive number of brains, got {n!r}")
     cfg: BrainConfig = brain_config_of(folder)
-    dataset_seed = int(json.loads((Path(folder) / "dataset.json").read_text()).get("seed", 0))
-    seeds = [subject_seed(dataset_seed, first + i) for i in range(n)]
+    seeds = [subject_seed(_dataset_seed(folder), first + i) for i in range(n)]
     jobs = [(seed, cfg, site) for site in range(len(cfg.sites)) for seed in seeds]
     made = list(in_workers(_render, jobs, work=(cfg.size / 64) ** 3, desc="brains at every site"))
     images = torch.stack([x for x, _, _ in made]).view(len(cfg.sites), n, *made[0][0].shape)
@@ -69,7 +73,7 @@ def lesion_brain(folder: Any, site: int, *, index: int = FIRST_RENDER - 1) -> tu
     from ..data import subject_seed
 
     cfg = brain_config_of(folder)
-    seed = subject_seed(int(json.loads((Path(folder) / "dataset.json").read_text()).get("seed", 0)), index)
+    seed = subject_seed(_dataset_seed(folder), index)
     s = make_brain_subject(seed, cfg, has_lesion=True, site=site)
     image = torch.from_numpy(np.ascontiguousarray(s["image"])).permute(3, 0, 1, 2)
     return image[None], torch.from_numpy(s["label"].astype(np.int64))[None, None]
@@ -142,13 +146,11 @@ def dropout_on(model: nn.Module) -> Iterator[nn.Module]:
 
 @torch.no_grad()
 def _probabilities(model: nn.Module, images: torch.Tensor, device: Any, batch_size: int) -> torch.Tensor:
-    from ..models.unet import pad_to_multiple
+    """:func:`~gen3d_lessons.tasks.segment.predict_probabilities` in batches, the model's modes as they are."""
+    from .segment import predict_probabilities
 
-    out = []  # as tasks.segment.predict_probabilities, but leaving the model's modes (dropout) as they are
-    for i in range(0, len(images), batch_size):
-        padded, crop = pad_to_multiple(images[i:i + batch_size], getattr(model.cfg, "divisor", 8))
-        out.append(model(padded.to(device)).softmax(1)[(slice(None), slice(None), *crop)].cpu())
-    return torch.cat(out)
+    return torch.cat([predict_probabilities(model, images[i:i + batch_size], device, set_eval=False)
+                      for i in range(0, len(images), batch_size)])
 
 
 def mean_probabilities(models: Sequence[nn.Module], images: torch.Tensor, *, device: Any = None,
